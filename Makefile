@@ -1,0 +1,87 @@
+# MedXplain: interpretable medical-imaging CNNs served with TorchServe.
+# `make demo` runs the main job, `make test` runs the test suite; both set everything up first.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+CACHE ?= $(HOME)/.cache/medxai
+PYTHON_BASE ?= python3.11
+REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-12)
+# The virtualenv lives outside the checkout, keyed by the requirements, so a fresh clone reuses it.
+VENV ?= $(CACHE)/venv-$(REQ_HASH)
+PY := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+export PIP_CACHE_DIR ?= $(CACHE)/pip
+export MEDXAI_CACHE := $(CACHE)
+
+# MinIO community edition ships source only; build one pinned revision with `go install`.
+# The module proxy serves this pseudo-version (the last commit of the repository, Feb 2026, later
+# than RELEASE.2025-10-15T17-29-55Z and so with the 2025-09-07 If-Match fix).
+MINIO_VERSION := v0.0.0-20260212201848-7aac2a2c5b7c
+MINIO_BIN := $(CACHE)/minio-$(MINIO_VERSION)/minio
+export MEDXAI_MINIO_BIN := $(MINIO_BIN)
+
+BUILD ?= build
+DATA := $(BUILD)/data
+MODELS := $(BUILD)/models
+MAR_DIR := $(BUILD)/model-store
+DEMO_PROFILE ?= demo
+
+.PHONY: help setup check-java data train archives serve stop demo test bench clean
+
+help:
+	@echo "make demo      set up, generate synthetic data, train both models, build archives, serve, predict"
+	@echo "make test      set up and run the test suite against real MinIO and TorchServe"
+	@echo "make setup     virtualenv ($(VENV)), MinIO server binary, Java check"
+	@echo "make data | train | archives | serve | stop | bench | clean"
+
+setup: $(VENV)/.installed $(MINIO_BIN) check-java
+
+$(VENV)/.installed: requirements.txt
+	@command -v $(PYTHON_BASE) >/dev/null || { echo "need $(PYTHON_BASE)"; exit 1; }
+	$(PYTHON_BASE) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install -r requirements.txt
+	touch $@
+
+$(MINIO_BIN):
+	@command -v go >/dev/null || { echo "Go is needed once to build the MinIO server (go install)"; exit 1; }
+	mkdir -p $(dir $@)
+	cd /tmp && GOBIN=$(abspath $(dir $@)) CGO_ENABLED=0 GOFLAGS=-trimpath go install github.com/minio/minio@$(MINIO_VERSION)
+
+check-java:
+	@java -version 2>&1 | grep -Eq 'version "(1[7-9]|2[0-9])' || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; \
+	  else echo "TorchServe needs Java 17+: install openjdk-17-jre-headless"; exit 1; fi; }
+
+data: setup
+	$(PY) -m model_store synth ddsm --profile $(DEMO_PROFILE) --out $(DATA)/ddsm
+	$(PY) -m model_store synth adni --profile $(DEMO_PROFILE) --out $(DATA)/adni
+
+train: data
+	$(PY) -m model_store train --model ddsm --profile $(DEMO_PROFILE) --data $(DATA)/ddsm --out $(MODELS)/ddsm
+	$(PY) -m model_store train --model adni --profile $(DEMO_PROFILE) --data $(DATA)/adni --out $(MODELS)/adni
+
+archives: setup
+	$(PY) -m model_store archive --bundle $(MODELS)/ddsm --out $(MAR_DIR)
+	$(PY) -m model_store archive --bundle $(MODELS)/adni --out $(MAR_DIR)
+
+serve: setup
+	$(PY) -m devstack start --model-store $(MAR_DIR) --state $(BUILD)/stack
+
+stop: setup
+	$(PY) -m devstack stop --state $(BUILD)/stack
+
+demo: setup
+	$(PY) -m devstack demo --build $(BUILD) --profile $(DEMO_PROFILE)
+
+test: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) -m devstack bench --build $(BUILD)
+
+clean:
+	-$(PY) -m devstack stop --state $(BUILD)/stack
+	rm -rf $(BUILD)

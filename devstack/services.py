@@ -1,0 +1,249 @@
+"""Real MinIO and TorchServe processes on 127.0.0.1, for the tests, `make serve` and `make demo`.
+
+Each server runs in its own process group with its own working and temporary folders, so several
+can run side by side (TorchServe keeps its pid file in the temp dir and writes ``key_file.json``
+to its working dir) and a stop always takes the whole tree down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BASE_TORCHSERVE_CONFIG = REPO_ROOT / "docker" / "serve" / "config.properties"
+MINIO_RELEASE = "v0.0.0-20260212201848-7aac2a2c5b7c"  # keep in sync with the Makefile's MINIO_VERSION
+
+
+class ServiceError(RuntimeError):
+    """A service that did not come up (its log tail is in the message)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDXAI_CACHE", Path.home() / ".cache" / "medxai"))
+
+
+def minio_binary() -> Path:
+    path = Path(os.environ.get("MEDXAI_MINIO_BIN", cache_dir() / f"minio-{MINIO_RELEASE}" / "minio"))
+    if not path.exists():
+        raise ServiceError(f"MinIO server binary not found at {path}: run `make setup` (it builds it with go install)")
+    return path
+
+
+def _start(cmd: list[str], log_path: Path, cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop_process_group(pid: int, timeout: float = 30.0) -> None:
+    """SIGTERM the group, then SIGKILL whatever is left (TorchServe's Python workers included)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.1)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _wait(check, what: str, timeout: float, proc: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(f"{what} exited with {proc.returncode}:\n{_tail(log_path)}")
+        if check():
+            return
+        time.sleep(0.25)
+    raise ServiceError(f"{what} not ready after {timeout:.0f}s:\n{_tail(log_path)}")
+
+
+def _http_status(url: str, headers: dict[str, str] | None = None) -> int | None:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+@dataclass
+class MinioServer:
+    data_dir: Path
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    console_port: int = field(default_factory=free_port)
+    access_key: str = field(default_factory=lambda: "medxai-" + secrets.token_hex(4))
+    secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    pid: int | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "MinioServer":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MINIO_ROOT_USER": self.access_key, "MINIO_ROOT_PASSWORD": self.secret_key,
+               "MINIO_BROWSER": "off", "MINIO_UPDATE": "off", "MINIO_CALLHOME_ENABLE": "off"}
+        cmd = [str(minio_binary()), "server", "--quiet", "--address", self.endpoint,
+               "--console-address", f"127.0.0.1:{self.console_port}", str(self.data_dir)]
+        proc = _start(cmd, self.log_path, self.data_dir.parent, env)
+        self.pid = proc.pid
+        _wait(lambda: _http_status(f"http://{self.endpoint}/minio/health/ready") == 200,
+              "MinIO", timeout, proc, self.log_path)
+        return self
+
+    def stop(self) -> None:
+        if self.pid:
+            stop_process_group(self.pid)
+            self.pid = None
+
+    def client(self):
+        from minio import Minio
+        return Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False)
+
+
+@dataclass
+class TorchServeServer:
+    workdir: Path
+    model_store: Path
+    models: dict[str, str]  # name -> archive file name in model_store
+    inference_port: int = field(default_factory=free_port)
+    management_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
+    grpc_management_port: int = field(default_factory=free_port)
+    token_auth: bool = True
+    extra_config: dict[str, str] = field(default_factory=dict)
+    pid: int | None = None
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.inference_port}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.management_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "key_file.json"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "logs" / "torchserve.out"
+
+    def config(self) -> dict[str, str]:
+        """The production config with only loopback addresses, ports and folders replaced."""
+        props = read_properties(BASE_TORCHSERVE_CONFIG)
+        props.update({
+            "inference_address": self.inference_url,
+            "management_address": self.management_url,
+            "metrics_address": self.metrics_url,
+            "grpc_inference_address": "127.0.0.1",
+            "grpc_inference_port": str(self.grpc_port),
+            "grpc_management_address": "127.0.0.1",
+            "grpc_management_port": str(self.grpc_management_port),
+            "model_store": str(self.model_store),
+            "workflow_store": str(self.workdir / "workflow-store"),
+            "allowed_urls": f"^file://{self.model_store}/.*\\\\.mar$",
+            "load_models": ",".join(f"{n}={f}" for n, f in self.models.items()),
+            **self.extra_config,
+        })
+        if not self.token_auth:
+            props["disable_token_authorization"] = "true"
+        return props
+
+    def start(self, timeout: float = 240.0) -> "TorchServeServer":
+        for sub in ("tmp", "logs", "workflow-store"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        config_path = self.workdir / "config.properties"
+        config_path.write_text("".join(f"{k}={v}\n" for k, v in self.config().items()))
+        env = {**os.environ, "TMPDIR": str(self.workdir / "tmp"), "TEMP": str(self.workdir / "tmp"),
+               "LOG_LOCATION": str(self.workdir / "logs"), "METRICS_LOCATION": str(self.workdir / "logs"),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        torchserve = Path(sys.executable).with_name("torchserve")
+        cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(config_path),
+               "--model-store", str(self.model_store)]
+        proc = _start(cmd, self.log_path, self.workdir, env)
+        self.pid = proc.pid
+        _wait(self._healthy, "TorchServe", timeout, proc, self.log_path)
+        return self
+
+    def _healthy(self) -> bool:
+        if self.token_auth and not self.key_file.exists():
+            return False
+        return _http_status(f"{self.inference_url}/ping", self.auth_header("inference")) == 200
+
+    def keys(self) -> dict[str, str]:
+        """{'inference': ..., 'management': ...} from TorchServe's key_file.json."""
+        data = json.loads(self.key_file.read_text())
+        return {name: entry["key"] for name, entry in data.items() if isinstance(entry, dict) and "key" in entry}
+
+    def auth_header(self, api: str = "inference") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys()[api]}"} if self.token_auth else {}
+
+    def stop(self) -> None:
+        if self.pid:
+            stop_process_group(self.pid)
+            self.pid = None
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    props: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""Start and stop the local stack (MinIO + TorchServe) and remember it in a state file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from devstack.services import MinioServer, ServiceError, TorchServeServer, stop_process_group
+
+DEFAULT_PORTS = {"minio": 9000, "minio_console": 9001, "inference": 8080, "management": 8081, "metrics": 8082,
+                 "grpc": 7070, "grpc_management": 7071}
+
+
+def _port(name: str) -> int:
+    return int(os.environ.get(f"MEDXAI_PORT_{name.upper()}", DEFAULT_PORTS[name]))
+
+
+def _state_file(state: Path) -> Path:
+    return state / "stack.json"
+
+
+def start(state: Path, model_store: Path) -> dict:
+    if _state_file(state).exists():
+        stop(state)
+    state.mkdir(parents=True, exist_ok=True)
+    models = {p.stem: p.name for p in sorted(model_store.glob("*.mar"))}
+    if not models:
+        raise ServiceError(f"no .mar archives in {model_store}: run `make archives` first")
+    minio = MinioServer(data_dir=state / "minio-data", log_path=state / "logs" / "minio.log",
+                        port=_port("minio"), console_port=_port("minio_console"))
+    minio.start()
+    try:
+        ts = TorchServeServer(workdir=state / "torchserve", model_store=model_store.resolve(), models=models,
+                              inference_port=_port("inference"), management_port=_port("management"),
+                              metrics_port=_port("metrics"), grpc_port=_port("grpc"),
+                              grpc_management_port=_port("grpc_management"))
+        ts.start()
+    except BaseException:
+        minio.stop()
+        raise
+    info = {
+        "minio": {"endpoint": minio.endpoint, "pid": minio.pid, "credentials_file": str(state / "minio.env")},
+        "torchserve": {"inference": ts.inference_url, "management": ts.management_url, "metrics": ts.metrics_url,
+                       "grpc": f"127.0.0.1:{ts.grpc_port}", "pid": ts.pid, "token_file": str(ts.key_file),
+                       "models": sorted(models)},
+    }
+    env_file = state / "minio.env"
+    env_file.write_text(f"MINIO_ENDPOINT={minio.endpoint}\nMINIO_ACCESS_KEY={minio.access_key}\n"
+                        f"MINIO_SECRET_KEY={minio.secret_key}\nMINIO_SECURE=false\n")
+    env_file.chmod(0o600)
+    _state_file(state).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def stop(state: Path) -> None:
+    path = _state_file(state)
+    if not path.exists():
+        print("nothing running")
+        return
+    info = json.loads(path.read_text())
+    for service in ("torchserve", "minio"):
+        pid = info.get(service, {}).get("pid")
+        if pid:
+            stop_process_group(int(pid))
+            print(f"stopped {service} (pid {pid})")
+    path.unlink()
+
+
+def print_endpoints(info: dict) -> None:
+    ts, minio = info["torchserve"], info["minio"]
+    print(f"TorchServe REST  {ts['inference']}/predictions/{{{','.join(ts['models'])}}}")
+    print(f"TorchServe gRPC  {ts['grpc']}")
+    print(f"management       {ts['management']} (loopback only)   metrics {ts['metrics']}/metrics")
+    print(f"token file       {ts['token_file']}  (send 'Authorization: Bearer <inference key>')")
+    print(f"MinIO            http://{minio['endpoint']}  credentials in {minio['credentials_file']}")

@@ -1,0 +1,1 @@
+"""Inference engine (framework independent) and the thin TorchServe handlers over it."""

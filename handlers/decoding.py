@@ -1,0 +1,186 @@
+"""Bytes -> pixels, with limits checked before anything large is allocated.
+
+Only pixel data and geometry leave this module: DICOM headers (patient name, ID, dates) are read
+to decode pixels and then dropped, so they cannot reach responses, logs or object keys.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from handlers.errors import InputError, PayloadTooLarge, UnsupportedMediaType
+
+MAX_IMAGE_PIXELS = 60_000_000  # a 16-bit FFDM is ~4k x 6k = 24 MP; beyond this is a bomb, not a mammogram
+MAX_IMAGE_SIDE = 16_384
+MIN_IMAGE_SIDE = 32
+MAX_VOLUME_VOXELS = 64_000_000  # 1 mm whole head at 400^3; the model grid is 8.5 M voxels
+MAX_DECOMPRESSED_BYTES = 512 * 1024 * 1024
+
+
+@dataclass
+class Image2D:
+    """Grey image scaled to [0, 1] (float32, H x W) and how it was read."""
+
+    pixels: np.ndarray
+    source_format: str
+    bits: int
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Volume:
+    """A 3D scan and its voxel-to-world affine (they travel together, as in nibabel)."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    warnings: list[str] = field(default_factory=list)
+
+
+def sniff(data: bytes) -> str:
+    """Format from magic bytes; file names and content types from clients are not trusted."""
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if data[:2] == b"\x1f\x8b":
+        return "gzip"
+    if len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "nifti"
+    return "unknown"
+
+
+def decode_image(data: bytes) -> Image2D:
+    if not data:
+        raise InputError("empty_body", "the request carries no image")
+    kind = sniff(data)
+    if kind == "dicom":
+        return _decode_dicom(data)
+    if kind in ("png", "jpeg", "tiff"):
+        return _decode_pil(data, kind)
+    if kind in ("gzip", "nifti"):
+        raise UnsupportedMediaType("wrong_modality", "this model takes 2D mammograms (PNG, JPEG, TIFF, DICOM), not NIfTI volumes")
+    raise UnsupportedMediaType("unknown_format", "unrecognised image format: send PNG, JPEG, TIFF or DICOM bytes")
+
+
+def _check_size(height: int, width: int) -> None:
+    if height * width > MAX_IMAGE_PIXELS or max(height, width) > MAX_IMAGE_SIDE:
+        raise PayloadTooLarge("image_too_large", f"image of {width}x{height} pixels exceeds the limit "
+                              f"({MAX_IMAGE_SIDE} px per side, {MAX_IMAGE_PIXELS} pixels)")
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise InputError("image_too_small", f"image of {width}x{height} pixels is smaller than {MIN_IMAGE_SIDE} px")
+
+
+def _decode_pil(data: bytes, kind: str) -> Image2D:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            _check_size(img.height, img.width)  # header only: nothing decoded yet
+            img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError("corrupt_image", f"could not decode the {kind.upper()} image: {err}") from None
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        bits = 16
+        arr = arr / 65535.0
+    else:
+        if mode not in ("L", "LA", "P", "RGB", "RGBA", "1"):
+            raise InputError("unsupported_pixel_type", f"unsupported {kind.upper()} pixel mode {mode}")
+        arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+        bits = 8
+    return Image2D(pixels=_finite(np.clip(arr, 0.0, 1.0)), source_format=kind, bits=bits)
+
+
+def _decode_dicom(data: bytes) -> Image2D:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError("corrupt_dicom", f"could not parse the DICOM file: {type(err).__name__}") from None
+    if "PixelData" not in ds:
+        raise InputError("dicom_without_pixels", "the DICOM file has no pixel data")
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    _check_size(rows, cols)
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise InputError("unsupported_dicom", "only single-frame greyscale DICOM images are supported")
+    try:
+        raw = ds.pixel_array
+        arr = apply_voi_lut(apply_modality_lut(raw, ds), ds).astype(np.float32)
+    except Exception as err:  # pydicom raises many types for broken or undecodable pixel data
+        raise InputError("corrupt_dicom", f"could not decode DICOM pixel data "
+                         f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {type(err).__name__}") from None
+    arr = _finite(arr)
+    lo, hi = float(arr.min()), float(arr.max())
+    arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
+        arr = 1.0 - arr  # MONOCHROME1: high values are dark
+    return Image2D(pixels=arr, source_format="dicom", bits=int(ds.get("BitsStored", 16)))
+
+
+def _finite(arr: np.ndarray) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise InputError("non_finite_values", "the input contains NaN or infinite values")
+    return arr.astype(np.float32, copy=False)
+
+
+def decode_volume(data: bytes) -> Volume:
+    if not data:
+        raise InputError("empty_body", "the request carries no volume")
+    kind = sniff(data)
+    if kind == "gzip":
+        data = _gunzip(data)
+        kind = sniff(data)
+    if kind in ("png", "jpeg", "tiff", "dicom"):
+        raise UnsupportedMediaType("wrong_modality", "this model takes 3D NIfTI volumes (.nii, .nii.gz), not 2D images")
+    if kind != "nifti":
+        raise UnsupportedMediaType("unknown_format", "unrecognised volume format: send NIfTI-1 (.nii or .nii.gz) bytes")
+    try:
+        img = nib.Nifti1Image.from_bytes(data)
+        shape = img.shape
+    except Exception as err:  # nibabel raises several types for malformed headers
+        raise InputError("corrupt_nifti", f"could not parse the NIfTI header: {err}") from None
+    shape3 = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
+    if len(shape3) != 3:
+        raise InputError("wrong_dimensions", f"expected a 3D volume, got shape {tuple(shape)}")
+    if int(np.prod(shape3)) > MAX_VOLUME_VOXELS:
+        raise PayloadTooLarge("volume_too_large", f"volume of shape {shape3} exceeds {MAX_VOLUME_VOXELS} voxels")
+    try:
+        arr = np.asarray(img.dataobj, dtype=np.float32).reshape(shape3)
+    except Exception as err:
+        raise InputError("corrupt_nifti", f"could not read the NIfTI voxel data: {err}") from None
+    affine = img.affine
+    if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise InputError("bad_affine", "the NIfTI file has no usable voxel-to-world affine")
+    return Volume(data=_finite(arr), affine=np.asarray(affine, dtype=np.float64))
+
+
+def _gunzip(data: bytes) -> bytes:
+    """Bounded decompression: a tiny .gz that inflates to gigabytes is refused, not allocated."""
+    out = io.BytesIO()
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data)) as gz:
+            while chunk := gz.read(1 << 22):
+                out.write(chunk)
+                if out.tell() > MAX_DECOMPRESSED_BYTES:
+                    raise PayloadTooLarge("volume_too_large", "the gzip stream inflates beyond the size limit")
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise InputError("corrupt_gzip", f"could not decompress the gzip data: {err}") from None
+    return out.getvalue()

@@ -1,0 +1,121 @@
+"""``python -m model_store``: synthetic data, training, checkpoint import and archives."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+SYNTH_PROFILES = {
+    # demo: enough data for AUC >= 0.95 within the ~10 min training budget; test: seconds.
+    "ddsm": {"demo": {"n_cases": 150, "height": 1400, "width": 908},
+             "test": {"n_cases": 30, "height": 700, "width": 454}},
+    "adni": {"demo": {"n_subjects": 160, "resolution_mm": 2},
+             "test": {"n_subjects": 40, "resolution_mm": 2}},
+}
+
+
+def _synth(args: argparse.Namespace) -> None:
+    settings = dict(SYNTH_PROFILES[args.dataset][args.profile])
+    if args.n is not None:
+        settings["n_cases" if args.dataset == "ddsm" else "n_subjects"] = args.n
+    if args.dataset == "ddsm":
+        from model_store.synth.mammo import generate_dataset
+    else:
+        from model_store.synth.mri import generate_dataset
+    out = generate_dataset(args.out, seed=args.seed, **settings)
+    print(f"wrote {out}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from model_store.train import train
+
+    report = train(args.model, args.data, args.out, args.profile, epochs=args.epochs, depth=args.depth)
+    test = report["test"]
+    print(json.dumps({"model": args.model, "bundle": str(args.out), "train_seconds": report["train_seconds"],
+                      "macro_roc_auc": test["macro_roc_auc"], "roc_auc": test["roc_auc"],
+                      "accuracy": test["accuracy"]}, indent=2))
+
+
+def _archive(args: argparse.Namespace) -> None:
+    from model_store.archive import build_archive
+
+    mar = build_archive(args.bundle, args.out, model_name=args.name, unit_labels=args.unit_labels)
+    print(f"wrote {mar}")
+
+
+def _import(args: argparse.Namespace) -> None:
+    from model_store.importer import import_seed_checkpoint
+
+    out = import_seed_checkpoint(args)
+    print(f"wrote bundle {out}")
+
+
+def _digest(args: argparse.Namespace) -> None:
+    from model_store.bundle import content_digest, mar_digest
+
+    print(mar_digest(args.path) if args.path.is_file() else content_digest(args.path))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model_store", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="generate a deterministic synthetic data set with ground-truth masks")
+    p.add_argument("dataset", choices=["ddsm", "adni"])
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--profile", choices=["demo", "test"], default="demo", help="size preset")
+    p.add_argument("-n", type=int, help="number of cases (ddsm) or subjects (adni), overrides the profile")
+    p.add_argument("--seed", type=int, default=2018)
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("train", help="train a model on a synthetic data set and write a model bundle")
+    p.add_argument("--model", choices=["ddsm", "adni"], required=True)
+    p.add_argument("--data", type=Path, required=True, help="folder written by `synth`")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--profile", choices=["demo", "test"], default="demo")
+    p.add_argument("--epochs", type=int, help="override the profile's epochs")
+    p.add_argument("--depth", type=int, choices=[18, 34, 50, 101, 152], help="ResNet depth (ddsm)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("archive", help="pack a bundle into a TorchServe .mar")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="model store folder")
+    p.add_argument("--name", help="model name (default: the bundle's)")
+    p.add_argument("--unit-labels", type=Path, help="consensus unit-label file to ship instead of the bundle's")
+    p.set_defaults(func=_archive)
+
+    p = sub.add_parser("import", help="turn a seed checkpoint (DeepMiner .pth.tar / cnn-interpretability state dict) into a bundle")
+    p.add_argument("--kind", choices=["ddsm", "adni"], required=True)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--name")
+    p.add_argument("--version", default="1.0")
+    p.add_argument("--pooling", choices=["max", "avg"], default="max", help="ddsm: global pooling the weights were trained with")
+    p.add_argument("--preprocessing", type=Path,
+                   help="adni: folder with mean.nii.gz, std.nii.gz, brain_mask.nii.gz (and optionally atlas.nii.gz + atlas_labels.csv)")
+    p.set_defaults(func=_import)
+
+    p = sub.add_parser("digest", help="print the content digest of a .mar or an unpacked archive folder")
+    p.add_argument("path", type=Path)
+    p.set_defaults(func=_digest)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

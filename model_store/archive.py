@@ -1,0 +1,64 @@
+"""Pack a model bundle into a TorchServe ``.mar`` with ``torch-model-archiver``.
+
+The archive holds the bundle's files (weights as a state dict, model.json, model card, unit labels,
+MRI normalisation volumes, brain mask and atlas), the per-model ``model-config.yaml`` and a
+one-line handler entry module; the engine itself is installed in the serving environment, so a
+``.mar`` stays small and every server and batch job runs the same engine code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from model_store.bundle import MODEL_CARD, MODEL_JSON, WEIGHTS, mar_digest
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+HANDLER_DIR = Path(__file__).resolve().parents[1] / "handlers"
+HANDLER_ENTRY = {"ddsm": HANDLER_DIR / "ddsm_handler.py", "adni": HANDLER_DIR / "adni_handler.py"}
+
+
+class ArchiveError(RuntimeError):
+    pass
+
+
+def build_archive(bundle_dir: Path, export_dir: Path, model_name: str | None = None,
+                  unit_labels: Path | None = None) -> Path:
+    """Build ``{name}.mar`` from a bundle directory and return its path.
+
+    ``unit_labels`` replaces the bundle's unit-label file: this is how the experts' consensus
+    export (from the annotation UI) goes into the next model version.
+    """
+    meta = json.loads((bundle_dir / MODEL_JSON).read_text())
+    kind, name, version = meta["kind"], model_name or meta["name"], meta["version"]
+    export_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mar-") as tmp:
+        staging = Path(tmp)
+        extra = []
+        for path in sorted(bundle_dir.iterdir()):
+            if path.name in (WEIGHTS, "metrics.json") or not path.is_file():
+                continue
+            target = staging / path.name
+            source = unit_labels if (unit_labels and path.name == "unit_labels.json") else path
+            shutil.copyfile(source, target)
+            extra.append(str(target))
+        cmd = [str(Path(sys.executable).with_name("torch-model-archiver")),
+               "--model-name", name, "--version", version,
+               "--serialized-file", str(bundle_dir / WEIGHTS),
+               "--handler", str(HANDLER_ENTRY[kind]),
+               "--extra-files", ",".join(extra),
+               "--config-file", str(CONFIG_DIR / f"{kind}.yaml"),
+               "--export-path", str(export_dir), "-f"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ArchiveError(f"torch-model-archiver failed:\n{result.stdout}\n{result.stderr}")
+    mar = export_dir / f"{name}.mar"
+    card = json.loads((bundle_dir / MODEL_CARD).read_text())
+    (export_dir / f"{name}.mar.json").write_text(json.dumps(
+        {"model": name, "version": version, "kind": kind, "archive_digest": mar_digest(mar),
+         "weights_sha256": card.get("weights_sha256")}, indent=2) + "\n")
+    return mar

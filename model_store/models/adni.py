@@ -1,0 +1,92 @@
+"""The cnn-interpretability seed's ``ClassificationModel3D`` (CN vs AD from a registered T1 MRI).
+
+Parameter names (``Conv_1..4``, ``Conv_1..4_bn``, ``dense_1..3``) are the seed's, so its plain
+state dicts load unchanged. The seed reused one ReLU module six times; here every activation has
+its own module (the state dict is unaffected) so that hooks -- guided backprop, Grad-CAM, unit
+capture -- know which call they see. The flatten size is derived from the input shape, so the
+seed's 1 mm grid (193x229x193 -> 64x4x5x4 = 5120) and coarser demo grids use the same class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+CLASS_NAMES = ("CN", "AD")
+SEED_SHAPE = (193, 229, 193)
+CHANNELS = (1, 8, 16, 32, 64)
+POOL_SIZES = (2, 3, 2, 3)
+EXPLAINED_LAYER = "relu_4"  # output of the last conv block, before its max-pool
+
+
+def conv_output_shape(input_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Spatial shape after the four conv(k=3, no padding) + max-pool blocks."""
+    shape = list(input_shape)
+    for pool in POOL_SIZES:
+        shape = [(s - 2) // pool for s in shape]
+    if min(shape) < 1:
+        raise ValueError(f"input shape {input_shape} is too small for four conv/pool blocks")
+    return tuple(shape)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ADNIConfig:
+    input_shape: tuple[int, int, int] = SEED_SHAPE
+    dropout: float = 0.8
+    dropout2: float = 0.8
+    num_classes: int = len(CLASS_NAMES)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ADNIConfig":
+        return cls(**{**d, "input_shape": tuple(d["input_shape"])})
+
+
+class ClassificationModel3D(nn.Module):
+    def __init__(self, config: ADNIConfig = ADNIConfig()) -> None:
+        super().__init__()
+        self.config = config
+        for i, (c_in, c_out) in enumerate(zip(CHANNELS[:-1], CHANNELS[1:]), start=1):
+            setattr(self, f"Conv_{i}", nn.Conv3d(c_in, c_out, 3))
+            setattr(self, f"Conv_{i}_bn", nn.BatchNorm3d(c_out))
+            setattr(self, f"relu_{i}", nn.ReLU())
+            setattr(self, f"pool_{i}", nn.MaxPool3d(POOL_SIZES[i - 1]))
+        conv_shape = conv_output_shape(config.input_shape)
+        self.flatten_size = CHANNELS[-1] * conv_shape[0] * conv_shape[1] * conv_shape[2]
+        self.dropout = nn.Dropout(config.dropout)
+        self.dense_1 = nn.Linear(self.flatten_size, 128)
+        self.relu_d1 = nn.ReLU()
+        self.dropout2 = nn.Dropout(config.dropout2)
+        self.dense_2 = nn.Linear(128, 64)
+        self.relu_d2 = nn.ReLU()
+        self.dense_3 = nn.Linear(64, config.num_classes)
+
+    @property
+    def num_units(self) -> int:
+        return CHANNELS[-1]
+
+    def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Conv -> BN -> ReLU of block i (no pooling)."""
+        conv, bn, relu = getattr(self, f"Conv_{i}"), getattr(self, f"Conv_{i}_bn"), getattr(self, f"relu_{i}")
+        return relu(bn(conv(x)))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations of the last conv block (N, 64, d, h, w), before its pool."""
+        for i in range(1, 4):
+            x = getattr(self, f"pool_{i}")(self.block(i, x))
+        return self.block(4, x)
+
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        x = self.pool_4(fmap).flatten(1)
+        x = self.relu_d1(self.dense_1(self.dropout(x)))
+        x = self.relu_d2(self.dense_2(self.dropout2(x)))
+        return self.dense_3(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

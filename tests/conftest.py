@@ -1,0 +1,76 @@
+"""Shared fixtures: real MinIO and TorchServe on random loopback ports, small trained models.
+
+Services are started once per session and always torn down (the fixtures' finalisers run after
+failing tests too). Models are trained with the `test` profile on small synthetic sets, so every
+run exercises the real generator -> training -> archive -> serving path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from devstack.services import MinioServer, TorchServeServer
+from model_store.archive import build_archive
+from model_store.synth import mammo, mri
+from model_store.train import train
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def minio_server(tmp_path_factory) -> MinioServer:
+    root = tmp_path_factory.mktemp("minio")
+    server = MinioServer(data_dir=root / "data", log_path=root / "minio.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ddsm_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddsm-data")
+    return mammo.generate_dataset(out, n_cases=30, seed=7, height=700, width=454, progress=False)
+
+
+@pytest.fixture(scope="session")
+def adni_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("adni-data")
+    return mri.generate_dataset(out, n_subjects=40, seed=7, resolution_mm=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def ddsm_bundle(ddsm_data, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("ddsm-bundle")
+    report = train("ddsm", ddsm_data, out, profile="test")
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def adni_bundle(adni_data, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("adni-bundle")
+    report = train("adni", adni_data, out, profile="test")
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def model_store(ddsm_bundle, adni_bundle, tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("model-store")
+    build_archive(ddsm_bundle[0], store)
+    build_archive(adni_bundle[0], store)
+    return store
+
+
+@pytest.fixture(scope="session")
+def torchserve(model_store, tmp_path_factory) -> TorchServeServer:
+    server = TorchServeServer(workdir=tmp_path_factory.mktemp("torchserve"), model_store=model_store,
+                              models={"ddsm": "ddsm.mar", "adni": "adni.mar"})
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    yield server
+    server.stop()
