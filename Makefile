@@ -55,31 +55,37 @@ check-java:
 	    apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; \
 	  else echo "TorchServe needs Java 17+: install openjdk-17-jre-headless"; exit 1; fi; }
 
-data: setup
-	$(PY) -m model_store synth ddsm --profile $(DEMO_PROFILE) --out $(DATA)/ddsm
-	$(PY) -m model_store synth adni --profile $(DEMO_PROFILE) --out $(DATA)/adni
+# File targets make every step idempotent: data, models and archives are built once and reused.
+DDSM_DATA := $(DATA)/ddsm/dataset.json
+ADNI_DATA := $(DATA)/adni/dataset.json
+ARCHIVES := $(MAR_DIR)/ddsm.mar $(MAR_DIR)/adni.mar
 
-train: data
-	$(PY) -m model_store train --model ddsm --profile $(DEMO_PROFILE) --data $(DATA)/ddsm --out $(MODELS)/ddsm
-	$(PY) -m model_store train --model adni --profile $(DEMO_PROFILE) --data $(DATA)/adni --out $(MODELS)/adni
+data: $(DDSM_DATA) $(ADNI_DATA)
+train: $(MODELS)/ddsm/model.json $(MODELS)/adni/model.json
+archives: $(ARCHIVES)
 
-archives: setup
-	$(PY) -m model_store archive --bundle $(MODELS)/ddsm --out $(MAR_DIR)
-	$(PY) -m model_store archive --bundle $(MODELS)/adni --out $(MAR_DIR)
+$(DATA)/%/dataset.json: | setup
+	$(PY) -m model_store synth $* --profile $(DEMO_PROFILE) --out $(DATA)/$*
 
-serve: setup
+$(MODELS)/%/model.json: $(DATA)/%/dataset.json
+	$(PY) -m model_store train --model $* --profile $(DEMO_PROFILE) --data $(DATA)/$* --out $(MODELS)/$*
+
+$(MAR_DIR)/%.mar: $(MODELS)/%/model.json
+	$(PY) -m model_store archive --bundle $(MODELS)/$* --out $(MAR_DIR)
+
+serve: $(ARCHIVES)
 	$(PY) -m devstack start --model-store $(MAR_DIR) --state $(BUILD)/stack
 
-stop: setup
+stop: | setup
 	$(PY) -m devstack stop --state $(BUILD)/stack
 
-demo: setup
-	$(PY) -m devstack demo --build $(BUILD) --profile $(DEMO_PROFILE)
+demo: $(ARCHIVES)
+	$(PY) -m devstack demo --build $(BUILD)
 
 test: setup
 	$(PY) -m pytest tests
 
-bench: setup
+bench: $(ARCHIVES)
 	$(PY) -m devstack bench --build $(BUILD)
 
 clean:

@@ -15,6 +15,7 @@ from pathlib import Path
 from devstack.services import ServiceError
 from devstack.stack import print_endpoints, start, stop
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

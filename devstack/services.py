@@ -119,7 +119,7 @@ class MinioServer:
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> "MinioServer":
+    def start(self, timeout: float = 60.0) -> MinioServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MINIO_ROOT_USER": self.access_key, "MINIO_ROOT_PASSWORD": self.secret_key,
                "MINIO_BROWSER": "off", "MINIO_UPDATE": "off", "MINIO_CALLHOME_ENABLE": "off"}
@@ -196,7 +196,7 @@ class TorchServeServer:
             props["disable_token_authorization"] = "true"
         return props
 
-    def start(self, timeout: float = 240.0) -> "TorchServeServer":
+    def start(self, timeout: float = 240.0) -> TorchServeServer:
         for sub in ("tmp", "logs", "workflow-store"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "config.properties"

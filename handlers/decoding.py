@@ -124,7 +124,7 @@ def _decode_dicom(data: bytes) -> Image2D:
     try:
         raw = ds.pixel_array
         arr = apply_voi_lut(apply_modality_lut(raw, ds), ds).astype(np.float32)
-    except Exception as err:  # pydicom raises many types for broken or undecodable pixel data
+    except Exception as err:  # noqa: BLE001 -- pydicom raises many types for broken or undecodable pixel data
         raise InputError("corrupt_dicom", f"could not decode DICOM pixel data "
                          f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {type(err).__name__}") from None
     arr = _finite(arr)
@@ -155,7 +155,7 @@ def decode_volume(data: bytes) -> Volume:
     try:
         img = nib.Nifti1Image.from_bytes(data)
         shape = img.shape
-    except Exception as err:  # nibabel raises several types for malformed headers
+    except Exception as err:  # noqa: BLE001 -- nibabel raises several types for malformed headers
         raise InputError("corrupt_nifti", f"could not parse the NIfTI header: {err}") from None
     shape3 = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
     if len(shape3) != 3:
@@ -164,7 +164,7 @@ def decode_volume(data: bytes) -> Volume:
         raise PayloadTooLarge("volume_too_large", f"volume of shape {shape3} exceeds {MAX_VOLUME_VOXELS} voxels")
     try:
         arr = np.asarray(img.dataobj, dtype=np.float32).reshape(shape3)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 -- truncated or inconsistent voxel data, any of several types
         raise InputError("corrupt_nifti", f"could not read the NIfTI voxel data: {err}") from None
     affine = img.affine
     if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-6:

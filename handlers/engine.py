@@ -1,24 +1,40 @@
-"""The inference engine: decode -> validate -> preprocess -> forward -> postprocess.
+"""The inference engine: decode -> validate -> preprocess -> forward -> units -> attributions -> encode.
 
-TorchServe handlers, the batch job and the tests all call this module, so online and batch results
-for the same bytes are produced by the same code. Nothing here knows about TorchServe.
+TorchServe handlers, the batch job and the tests all call :meth:`Engine.run`, so online and batch
+results for the same bytes come from the same code. Nothing here knows about TorchServe.
+Shape of a response: ``docs/api.md``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from nibabel.processing import resample_from_to
-import nibabel as nib
 from PIL import Image
+from torch import nn
 
+from handlers.attribution import (
+    DDSM_DEFAULT,
+    DDSM_METHODS,
+    MRI_DEFAULT,
+    Attribution,
+    ExplainContext,
+    UnitMaps,
+    mri_methods,
+)
 from handlers.decoding import decode_image, decode_volume
+from handlers.encoding import encode_2d, encode_3d
 from handlers.errors import InputError
+from handlers.options import RequestOptions, parse_options
+from handlers.regions import region_relevance
+from handlers.units import rank_units
 from model_store.bundle import ModelBundle, content_digest
 from model_store.models.ddsm import FULL_IMAGE_SHORT_SIDE, PATCH_SIZE
 from model_store.preprocess import ddsm_normalise
@@ -39,22 +55,37 @@ class EngineRequest:
 class Prepared:
     """A decoded, validated input ready for the forward pass."""
 
-    tensor: torch.Tensor
-    mode: str
+    inputs: torch.Tensor  # (1, 1, *spatial) in the space attributions are computed in
+    mode: str  # items with the same mode share a forward pass
+    options: RequestOptions
     meta: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    source_affine: np.ndarray | None = None  # MRI: the sent scan's affine, for maps on its own grid
+
+
+@dataclass
+class Forward:
+    """What one item's forward pass left behind for units and attributions."""
+
+    probabilities: np.ndarray
+    feature_map: torch.Tensor  # (units, *spatial) of the explained layer
 
 
 class Engine(ABC):
     kind: str
+    methods: dict[str, Attribution]
+    default_methods: tuple[str, ...]
 
     def __init__(self, bundle: ModelBundle, archive_digest: str) -> None:
         self.bundle = bundle
         self.model = bundle.model.eval()
+        for module in self.model.modules():  # in-place ReLUs break Captum's backward hooks
+            if isinstance(module, nn.ReLU):
+                module.inplace = False
         self.archive_digest = archive_digest
 
     @staticmethod
-    def from_model_dir(model_dir: Path) -> "Engine":
+    def from_model_dir(model_dir: Path) -> Engine:
         """Load an unpacked archive (TorchServe's model_dir or the batch job's extraction)."""
         model_dir = Path(model_dir)
         bundle = ModelBundle.load(model_dir)
@@ -65,114 +96,262 @@ class Engine(ABC):
         return {"name": self.bundle.name, "version": self.bundle.version, "archive_digest": self.archive_digest,
                 "weights_sha256": self.bundle.card.get("weights_sha256")}
 
+    def describe_methods(self) -> dict:
+        return {name: {"description": m.description, "online": m.online} for name, m in self.methods.items()}
+
+    # -- pipeline -------------------------------------------------------------------------------
+
     def run(self, requests: list[EngineRequest]) -> list[dict | InputError]:
         """One result per request, in order; a bad item yields its error without failing the others."""
         prepared: list[Prepared | InputError] = []
         for req in requests:
             try:
-                prepared.append(self.prepare(req))
+                options = parse_options(req.params, self.bundle.class_names, self.methods, self.default_methods,
+                                        self.model.num_units)
+                prepared.append(self.prepare(req.payload, options))
             except InputError as err:
                 prepared.append(err)
-        results: list[dict | InputError] = list(prepared)  # errors stay in place
-        for mode in {p.mode for p in prepared if isinstance(p, Prepared)}:
+        results: list[dict | InputError] = list(prepared)
+        for mode in sorted({p.mode for p in prepared if isinstance(p, Prepared)}):
             idx = [i for i, p in enumerate(prepared) if isinstance(p, Prepared) and p.mode == mode]
-            outputs = self.forward(mode, [prepared[i] for i in idx])  # type: ignore[misc]
-            for i, out in zip(idx, outputs):
-                results[i] = self.respond(prepared[i], out)  # type: ignore[arg-type]
+            forwards = self.forward(mode, [prepared[i] for i in idx])  # type: ignore[misc]
+            for i, fwd in zip(idx, forwards):
+                try:
+                    results[i] = self.respond(prepared[i], fwd)  # type: ignore[arg-type]
+                except InputError as err:
+                    results[i] = err
         return results
 
-    def respond(self, item: Prepared, probabilities: np.ndarray, extra: dict | None = None) -> dict:
+    def respond(self, item: Prepared, fwd: Forward) -> dict:
         names = self.bundle.class_names
-        label = int(np.argmax(probabilities))
-        return {"api_version": API_VERSION, "model": self.model_info(),
-                "prediction": {"label": names[label], "label_index": label,
-                               "probabilities": {n: float(p) for n, p in zip(names, probabilities)}},
-                "input": item.meta, **(extra or {}), "warnings": item.warnings}
+        predicted = int(np.argmax(fwd.probabilities))
+        target = predicted if item.options.target is None else item.options.target
+        ctx = self.explain_context(item, fwd)
+        timings: dict[str, float] = {}
+        response = {
+            "api_version": API_VERSION, "model": self.model_info(),
+            "prediction": {"label": names[predicted], "label_index": predicted,
+                           "probabilities": {n: float(p) for n, p in zip(names, fwd.probabilities)}},
+            "target": {"label": names[target], "index": target},
+            "input": item.meta,
+        }
+        if item.options.top_k:
+            started = time.perf_counter()
+            units = rank_units(*self.unit_scores(ctx, fwd, target), k=item.options.top_k,
+                               unit_labels=self.bundle.unit_labels, weight_source=self.weight_source)
+            response["units"] = units
+            timings["units"] = _ms(started)
+            if item.options.unit_maps:
+                maps = UnitMaps.compute(ctx, [u["unit"] for u in units])
+                response["unit_maps"] = self.encode_maps(item, maps, [str(u["unit"]) for u in units], shared_scale=True)
+        if item.options.explain:
+            response["heatmaps"] = {}
+            for name in item.options.explain:
+                started = time.perf_counter()
+                relevance = self.methods[name].attribute(ctx, target, item.options)
+                timings[name] = _ms(started)
+                response["heatmaps"][name] = {"description": self.methods[name].description,
+                                              **self.encode_maps(item, relevance[None], [name])[name]}
+                self.add_method_extras(response, name, relevance)
+        response["timing_ms"] = timings
+        response["warnings"] = item.warnings
+        return response
+
+    def add_method_extras(self, response: dict, method: str, relevance: np.ndarray) -> None:
+        """Hook for per-method side outputs (the MRI region table)."""
+
+    @property
+    @abstractmethod
+    def weight_source(self) -> str: ...
 
     @abstractmethod
-    def prepare(self, request: EngineRequest) -> Prepared: ...
+    def prepare(self, payload: bytes, options: RequestOptions) -> Prepared: ...
 
     @abstractmethod
-    def forward(self, mode: str, items: list[Prepared]) -> list[np.ndarray]: ...
+    def forward(self, mode: str, items: list[Prepared]) -> list[Forward]: ...
+
+    @abstractmethod
+    def explain_context(self, item: Prepared, fwd: Forward) -> ExplainContext: ...
+
+    @abstractmethod
+    def unit_scores(self, ctx: ExplainContext, fwd: Forward, target: int) -> tuple[np.ndarray, np.ndarray]:
+        """(activations, weights) per unit for the target class."""
+
+    @abstractmethod
+    def encode_maps(self, item: Prepared, maps: np.ndarray, names: list[str], shared_scale: bool = False) -> dict: ...
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
+
+
+# --- mammography ---------------------------------------------------------------------------------
+
+class PatchScore(nn.Module):
+    """Grey patch (N, 1, H, W) -> class logits: what attributions explain for patches."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, grey: torch.Tensor) -> torch.Tensor:
+        return self.model(ddsm_normalise(grey[:, 0]))
+
+
+class FullImageScore(PatchScore):
+    """Grey full image -> per-class maximum of the class map (DeepMiner's image score, as logits)."""
+
+    def forward(self, grey: torch.Tensor) -> torch.Tensor:
+        return self.model.class_map(self.model.features(ddsm_normalise(grey[:, 0]))).amax(dim=(2, 3))
 
 
 class DDSMEngine(Engine):
     kind = "ddsm"
+    methods = DDSM_METHODS
+    default_methods = DDSM_DEFAULT
+    weight_source = "classifier"
 
-    def prepare(self, request: EngineRequest) -> Prepared:
-        image = decode_image(request.payload)
+    def __init__(self, bundle: ModelBundle, archive_digest: str) -> None:
+        super().__init__(bundle, archive_digest)
+        self.scores = {"patch": PatchScore(self.model), "full": FullImageScore(self.model)}
+
+    def prepare(self, payload: bytes, options: RequestOptions) -> Prepared:
+        image = decode_image(payload)
         h, w = image.pixels.shape
         meta = {"format": image.source_format, "bits": image.bits, "height": h, "width": w}
         if (h, w) == (PATCH_SIZE, PATCH_SIZE):
-            return Prepared(ddsm_normalise(torch.from_numpy(image.pixels)[None]), "patch", {**meta, "mode": "patch"})
+            return Prepared(torch.from_numpy(image.pixels)[None, None], "patch", options, {**meta, "mode": "patch"})
         scale = FULL_IMAGE_SHORT_SIDE / min(h, w)
         size = (max(PATCH_SIZE, round(w * scale)), max(PATCH_SIZE, round(h * scale)))
         resized = np.asarray(Image.fromarray(image.pixels, mode="F").resize(size, Image.BILINEAR), dtype=np.float32)
-        return Prepared(ddsm_normalise(torch.from_numpy(resized)[None]), "full", {**meta, "mode": "full_image",
-                                                                                  "analysed_size": list(size[::-1])})
+        return Prepared(torch.from_numpy(resized)[None, None], "full", options,
+                        {**meta, "mode": "full_image", "analysed_size": [size[1], size[0]]})
 
     @torch.inference_mode()
-    def forward(self, mode: str, items: list[Prepared]) -> list[np.ndarray]:
+    def forward(self, mode: str, items: list[Prepared]) -> list[Forward]:
         if mode == "patch":
-            logits = self.model(torch.cat([p.tensor for p in items]))
-            return list(torch.softmax(logits, dim=1).numpy())
+            fmap = self.model.features(ddsm_normalise(torch.cat([p.inputs for p in items])[:, 0]))
+            probs = torch.softmax(self.model.fc(self.model.pool(fmap)), dim=1).numpy()
+            return [Forward(p, f.clone()) for p, f in zip(probs, fmap)]
         out = []
         for item in items:  # full images differ in size: one pass each
-            prob_map = self.model.full_image_probabilities(item.tensor)[0]  # (classes, h, w)
-            # DeepMiner's image score per class is the map's maximum; the reported distribution is
-            # the one at the most suspicious position (lowest 'normal' probability).
-            flat = prob_map.flatten(1)
-            where = int(torch.argmin(flat[0]))
-            item.meta["class_scores"] = {n: float(s) for n, s in zip(self.bundle.class_names, flat.amax(dim=1))}
-            item.meta["map_shape"] = list(prob_map.shape[1:])
-            out.append(flat[:, where].numpy())
+            fmap = self.model.features(ddsm_normalise(item.inputs[:, 0]))
+            prob_map = torch.softmax(self.model.class_map(fmap), dim=1)[0].flatten(1)  # (classes, positions)
+            # The image score per class is the map's maximum (DeepMiner); the reported distribution
+            # is the one at the most suspicious position (lowest 'normal' probability).
+            where = int(torch.argmin(prob_map[0]))
+            item.meta["class_scores"] = {n: float(s) for n, s in zip(self.bundle.class_names, prob_map.amax(dim=1))}
+            item.meta["map_shape"] = list(fmap.shape[2:])
+            out.append(Forward(prob_map[:, where].numpy(), fmap[0].clone()))
         return out
+
+    def explain_context(self, item: Prepared, fwd: Forward) -> ExplainContext:
+        return ExplainContext(score_model=self.scores[item.mode], explained_layer=self.model.layer4,
+                              inputs=item.inputs.clone(), feature_map=fwd.feature_map,
+                              class_weights=self.model.fc.weight.detach())
+
+    def unit_scores(self, ctx, fwd, target):
+        activations = fwd.feature_map.flatten(1).amax(dim=1).numpy()
+        return activations, self.model.fc.weight[target].detach().numpy()
+
+    def encode_maps(self, item, maps, names, shared_scale=False):
+        h, w = item.meta["height"], item.meta["width"]
+        if maps.shape[1:] != (h, w):  # back from the analysed size to the sent image's pixels
+            maps = np.stack([np.asarray(Image.fromarray(m, mode="F").resize((w, h), Image.BILINEAR)) for m in maps])
+        lo, hi = (float(maps.min()), float(maps.max())) if shared_scale else (None, None)
+        return {n: encode_2d(m, item.options.encoding, lo, hi) for n, m in zip(names, maps)}
+
+
+# --- MRI -----------------------------------------------------------------------------------------
+
+class SoftmaxScore(nn.Module):
+    """Normalised volume -> class probabilities: the seed explains the softmax output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=1)
 
 
 class ADNIEngine(Engine):
     kind = "adni"
+    default_methods = MRI_DEFAULT
+    weight_source = "gradcam"
 
-    def prepare(self, request: EngineRequest) -> Prepared:
-        volume = decode_volume(request.payload)
-        prep = self.bundle.preprocessing
-        assert prep is not None
+    def __init__(self, bundle: ModelBundle, archive_digest: str) -> None:
+        super().__init__(bundle, archive_digest)
+        self.methods = mri_methods()
+        self.score = SoftmaxScore(self.model)
+        assert bundle.preprocessing is not None, "an MRI bundle carries its normalisation volumes"
+        self.prep = bundle.preprocessing
+
+    def prepare(self, payload: bytes, options: RequestOptions) -> Prepared:
+        volume = decode_volume(payload)
+        prep = self.prep
         warnings = list(volume.warnings)
-        data = volume.data
-        on_grid = data.shape == prep.shape and np.allclose(volume.affine, prep.affine, atol=1e-3)
+        on_grid = volume.data.shape == prep.shape and np.allclose(volume.affine, prep.affine, atol=1e-3)
+        data = volume.data if on_grid else self._resample(volume.data, volume.affine)
         if not on_grid:
-            data = self._resample(volume.data, volume.affine)
             warnings.append(f"input of shape {list(volume.data.shape)} was resampled onto the model's "
-                            f"{list(prep.shape)} template grid; results are only meaningful for scans "
-                            "registered to the template (MNI-152)")
-        tensor = torch.from_numpy(prep.normalise(data))[None, None]
+                            f"{list(prep.shape)} template grid (MNI-152); results are only meaningful for scans "
+                            "registered to that template; heatmaps are returned on the input's grid")
         meta = {"format": "nifti", "shape": list(volume.data.shape), "resampled": not on_grid,
                 "affine": np.round(volume.affine, 6).tolist()}
-        return Prepared(tensor, "volume", meta, warnings)
+        return Prepared(torch.from_numpy(prep.normalise(data))[None, None], "volume", options, meta, warnings,
+                        source_affine=volume.affine)
 
     def _resample(self, data: np.ndarray, affine: np.ndarray) -> np.ndarray:
-        prep = self.bundle.preprocessing
-        assert prep is not None
         if not self._overlaps(data.shape, affine):
             raise InputError("volume_not_placeable",
-                             "the volume does not overlap the model's template space: register it to MNI-152 first")
+                             "the volume does not cover the model's template space: register it to MNI-152 first")
         src = nib.Nifti1Image(data, affine)
-        return np.asarray(resample_from_to(src, (prep.shape, prep.affine), order=1).dataobj, dtype=np.float32)
+        return np.asarray(resample_from_to(src, (self.prep.shape, self.prep.affine), order=1).dataobj, dtype=np.float32)
 
     def _overlaps(self, shape: tuple[int, ...], affine: np.ndarray) -> bool:
-        """The input's world bounding box must cover most of the template's brain."""
-        prep = self.bundle.preprocessing
-        assert prep is not None
-
-        def box(shp, aff):
-            corners = np.array([[i, j, k, 1] for i in (0, shp[0] - 1) for j in (0, shp[1] - 1) for k in (0, shp[2] - 1)])
-            world = corners @ aff.T
-            return world[:, :3].min(0), world[:, :3].max(0)
-
-        (a_lo, a_hi), (b_lo, b_hi) = box(shape, affine), box(prep.shape, prep.affine)
+        """The input's world bounding box must cover at least half of the template grid's."""
+        (a_lo, a_hi), (b_lo, b_hi) = _world_box(shape, affine), _world_box(self.prep.shape, self.prep.affine)
         inter = np.clip(np.minimum(a_hi, b_hi) - np.maximum(a_lo, b_lo), 0, None).prod()
         return bool(inter >= 0.5 * (b_hi - b_lo).prod())
 
     @torch.inference_mode()
-    def forward(self, mode: str, items: list[Prepared]) -> list[np.ndarray]:
-        logits = self.model(torch.cat([p.tensor for p in items]))
-        return list(torch.softmax(logits, dim=1).numpy())
+    def forward(self, mode: str, items: list[Prepared]) -> list[Forward]:
+        fmap = self.model.features(torch.cat([p.inputs for p in items]))
+        probs = torch.softmax(self.model.head(fmap), dim=1).numpy()
+        return [Forward(p, f.clone()) for p, f in zip(probs, fmap)]
+
+    def explain_context(self, item: Prepared, fwd: Forward) -> ExplainContext:
+        atlas = self.bundle.atlas
+        return ExplainContext(score_model=self.score, explained_layer=self.model.relu_4, inputs=item.inputs.clone(),
+                              feature_map=fwd.feature_map, brain_mask=self.prep.brain_mask,
+                              atlas_labels=None if atlas is None else atlas.labels)
+
+    def unit_scores(self, ctx, fwd, target):
+        """Grad-CAM weights: only the cheap head (pool + dense layers) is differentiated."""
+        fmap = fwd.feature_map[None].clone().requires_grad_(True)
+        with torch.enable_grad():
+            prob = torch.softmax(self.model.head(fmap), dim=1)[0, target]
+            (grad,) = torch.autograd.grad(prob, fmap)
+        activations = fwd.feature_map.flatten(1).amax(dim=1).numpy()
+        return activations, grad[0].flatten(1).mean(dim=1).numpy()
+
+    def add_method_extras(self, response, method, relevance):
+        if self.bundle.atlas is not None:
+            response.setdefault("regions", {})[method] = region_relevance(
+                relevance, self.bundle.atlas.labels, self.bundle.atlas.regions)
+
+    def encode_maps(self, item, maps, names, shared_scale=False):
+        affine = self.prep.affine
+        if item.meta["resampled"]:  # put the map back on the scan it came from
+            source_affine, shape = item.source_affine, tuple(item.meta["shape"])
+            maps = np.stack([np.asarray(resample_from_to(nib.Nifti1Image(m, affine), (shape, source_affine),
+                                                         order=1).dataobj, dtype=np.float32) for m in maps])
+            affine = source_affine
+        return {n: encode_3d(m, affine) for n, m in zip(names, maps)}
+
+
+def _world_box(shape: tuple[int, ...], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    corners = np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
+    world = corners @ affine.T
+    return world[:, :3].min(0), world[:, :3].max(0)

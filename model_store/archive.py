@@ -53,7 +53,7 @@ def build_archive(bundle_dir: Path, export_dir: Path, model_name: str | None = N
                "--extra-files", ",".join(extra),
                "--config-file", str(CONFIG_DIR / f"{kind}.yaml"),
                "--export-path", str(export_dir), "-f"]
-        result = subprocess.run(cmd, capture_output=True, text=True)
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed:\n{result.stdout}\n{result.stderr}")
     mar = export_dir / f"{name}.mar"

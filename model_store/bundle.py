@@ -60,7 +60,7 @@ class MRIPreprocessing:
             nib.save(nib.Nifti1Image(data, self.affine), directory / f"{name}.nii.gz")
 
     @classmethod
-    def load(cls, directory: Path) -> "MRIPreprocessing":
+    def load(cls, directory: Path) -> MRIPreprocessing:
         mean = nib.load(directory / "mean.nii.gz")
         return cls(mean=np.asarray(mean.dataobj, dtype=np.float32),
                    std=np.asarray(nib.load(directory / "std.nii.gz").dataobj, dtype=np.float32),
@@ -77,7 +77,7 @@ class Atlas:
         write_atlas(directory / "atlas.nii.gz", directory / "atlas_labels.csv", self.labels, self.regions, affine)
 
     @classmethod
-    def load(cls, directory: Path) -> "Atlas":
+    def load(cls, directory: Path) -> Atlas:
         labels, regions = load_atlas(directory / "atlas.nii.gz", directory / "atlas_labels.csv")
         return cls(labels=labels, regions=regions)
 
@@ -111,7 +111,7 @@ class ModelBundle:
         return directory
 
     @classmethod
-    def load(cls, directory: Path) -> "ModelBundle":
+    def load(cls, directory: Path) -> ModelBundle:
         directory = Path(directory)
         meta = json.loads((directory / MODEL_JSON).read_text())
         if meta.get("format") != BUNDLE_FORMAT:

@@ -47,7 +47,7 @@ def extract_state_dict(obj: Mapping[str, object]) -> dict[str, torch.Tensor]:
 
 
 def _strip_prefix(key: str) -> str:
-    return key[len("module."):] if key.startswith("module.") else key
+    return key.removeprefix("module.")
 
 
 def infer_resnet_depth(state: Mapping[str, torch.Tensor]) -> int:

@@ -16,7 +16,7 @@ def classification_report(labels: np.ndarray, probabilities: np.ndarray, class_n
         auc[name] = float(roc_auc_score(positives, probabilities[:, c])) if 0 < positives.sum() < len(labels) else None
     defined = [v for v in auc.values() if v is not None]
     return {
-        "n": int(len(labels)),
+        "n": len(labels),
         "roc_auc": auc,
         "macro_roc_auc": float(np.mean(defined)) if defined else None,
         "accuracy": float((predicted == labels).mean()) if len(labels) else None,

@@ -11,8 +11,8 @@ import csv
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import nibabel as nib

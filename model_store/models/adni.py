@@ -10,6 +10,7 @@ seed's 1 mm grid (193x229x193 -> 64x4x5x4 = 5120) and coarser demo grids use the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -44,7 +45,7 @@ class ADNIConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ADNIConfig":
+    def from_dict(cls, d: dict) -> ADNIConfig:
         return cls(**{**d, "input_shape": tuple(d["input_shape"])})
 
 
@@ -52,7 +53,7 @@ class ClassificationModel3D(nn.Module):
     def __init__(self, config: ADNIConfig = ADNIConfig()) -> None:
         super().__init__()
         self.config = config
-        for i, (c_in, c_out) in enumerate(zip(CHANNELS[:-1], CHANNELS[1:]), start=1):
+        for i, (c_in, c_out) in enumerate(pairwise(CHANNELS), start=1):
             setattr(self, f"Conv_{i}", nn.Conv3d(c_in, c_out, 3))
             setattr(self, f"Conv_{i}_bn", nn.BatchNorm3d(c_out))
             setattr(self, f"relu_{i}", nn.ReLU())

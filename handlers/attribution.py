@@ -1,0 +1,179 @@
+"""Attribution methods: one class per method, one ``attribute(ctx, target, options)`` signature.
+
+Captum does the work wherever it has the method (saliency/sensitivity, guided backprop, integrated
+gradients, Grad-CAM, occlusion, area occlusion as feature ablation over atlas regions). Written by
+hand: CAM from the classifier weights (Captum has no CAM: it is one weighted sum), and the 3D
+occlusion in ``handlers/occlusion3d.py`` (Captum's Occlusion cannot skip windows outside the
+brain or reuse activations, which makes the seed's stride-12 map ~100x more expensive).
+
+Every method explains a scalar score of a (1, 1, *spatial) input tensor:
+- mammography: the class logit (patches) or the class map's maximum (full images), with the grey
+  image as input, so maps live in image space;
+- MRI: the softmax probability of the target class (the seed's choice), with the normalised
+  volume as input (0 = training mean, which is also the occlusion fill value).
+Maps come back as float32 arrays on the input grid.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from captum.attr import (
+    FeatureAblation,
+    GuidedBackprop,
+    IntegratedGradients,
+    LayerAttribution,
+    LayerGradCam,
+    Occlusion,
+    Saliency,
+)
+from torch import nn
+
+from handlers.errors import InputError
+from handlers.options import RequestOptions
+
+MAX_OCCLUSION_PASSES_2D = 1024
+
+
+@dataclass
+class ExplainContext:
+    score_model: nn.Module  # (1, 1, *spatial) -> (1, classes)
+    explained_layer: nn.Module  # inside score_model; Grad-CAM's layer
+    inputs: torch.Tensor  # (1, 1, *spatial)
+    feature_map: torch.Tensor | None = None  # (units, *fmap_spatial), explained layer activations
+    class_weights: torch.Tensor | None = None  # (classes, units) linear read-out (mammography)
+    brain_mask: np.ndarray | None = None
+    atlas_labels: np.ndarray | None = None
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return tuple(self.inputs.shape[2:])
+
+
+def upsample(fmap: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """(C, *s) -> (C, *size), bilinear / trilinear."""
+    mode = "bilinear" if len(size) == 2 else "trilinear"
+    return F.interpolate(fmap[None].float(), size=size, mode=mode, align_corners=False)[0]
+
+
+def _to_numpy(attr: torch.Tensor) -> np.ndarray:
+    return attr.detach().reshape(attr.shape[-len(attr.shape) + 2:]).float().numpy()
+
+
+class Attribution(ABC):
+    name: str
+    description: str
+    online: bool = True  # cheap enough for the synchronous REST/gRPC path at default settings
+
+    @abstractmethod
+    def attribute(self, ctx: ExplainContext, target: int, options: RequestOptions) -> np.ndarray: ...
+
+
+class CAM(Attribution):
+    name, description = "cam", "class activation map: sum_u fc.weight[c,u] x layer4 map u, upsampled"
+
+    def attribute(self, ctx, target, options):
+        assert ctx.feature_map is not None and ctx.class_weights is not None
+        cam = torch.einsum("u...,u->...", ctx.feature_map.float(), ctx.class_weights[target].float())
+        return upsample(cam[None], ctx.spatial)[0].numpy()
+
+
+class GradCAM(Attribution):
+    name, description = "gradcam", "Grad-CAM on the last conv block (Captum LayerGradCam), ReLU, upsampled"
+
+    def attribute(self, ctx, target, options):
+        layer_attr = LayerGradCam(ctx.score_model, ctx.explained_layer).attribute(
+            ctx.inputs, target=target, relu_attributions=True)
+        mode = "bilinear" if len(ctx.spatial) == 2 else "trilinear"
+        return _to_numpy(LayerAttribution.interpolate(layer_attr, ctx.spatial, interpolate_mode=mode))
+
+
+class Sensitivity(Attribution):
+    """|d score / d x| (the seed's sensitivity analysis; Captum calls it Saliency)."""
+
+    name, description = "sensitivity", "sensitivity analysis |d p / d x| (Captum Saliency)"
+
+    def attribute(self, ctx, target, options):
+        return _to_numpy(Saliency(ctx.score_model).attribute(ctx.inputs, target=target, abs=True))
+
+
+class SaliencyMap(Sensitivity):
+    name, description = "saliency", "gradient magnitude |d logit / d x| (Captum Saliency)"
+
+
+class GuidedBackpropagation(Attribution):
+    name, description = "guided_backprop", "guided backprop: gradient with negative gradients clamped at every ReLU"
+
+    def attribute(self, ctx, target, options):
+        return _to_numpy(GuidedBackprop(ctx.score_model).attribute(ctx.inputs, target=target))
+
+
+class IntegratedGrads(Attribution):
+    name, description = "integrated_gradients", "integrated gradients from a zero baseline (Captum)"
+
+    def attribute(self, ctx, target, options):
+        ig = IntegratedGradients(ctx.score_model)
+        attr = ig.attribute(ctx.inputs, baselines=torch.zeros_like(ctx.inputs), target=target,
+                            n_steps=options.ig_steps, internal_batch_size=min(options.ig_steps, 8))
+        return _to_numpy(attr)
+
+
+class Occlusion2D(Attribution):
+    name, description = "occlusion", "occlusion: score drop when a square is set to 0 (Captum Occlusion)"
+
+    def attribute(self, ctx, target, options):
+        h, w = ctx.spatial
+        size = options.occlusion_size or max(8, min(h, w) // 8)
+        stride = options.occlusion_stride or max(4, size // 2)
+        passes = ((h - size) // stride + 1) * ((w - size) // stride + 1)
+        if size > min(h, w):
+            raise InputError("bad_parameter", f"occlusion_size {size} is larger than the image ({w}x{h})")
+        if passes > MAX_OCCLUSION_PASSES_2D:
+            raise InputError("too_expensive", f"occlusion with size {size} / stride {stride} needs {passes} forward "
+                             f"passes (limit {MAX_OCCLUSION_PASSES_2D}); raise occlusion_stride or send a patch")
+        attr = Occlusion(ctx.score_model).attribute(ctx.inputs, sliding_window_shapes=(1, size, size),
+                                                   strides=(1, stride, stride), baselines=0, target=target,
+                                                   perturbations_per_eval=8)
+        return _to_numpy(attr)
+
+
+class AreaOcclusion(Attribution):
+    """Probability drop when a whole atlas region is set to 0 (Captum FeatureAblation over the atlas)."""
+
+    name, description = "area_occlusion", "area occlusion: probability drop per atlas region set to 0, clipped at 0"
+
+    def attribute(self, ctx, target, options):
+        if ctx.atlas_labels is None:
+            raise InputError("unsupported_method", "this model has no atlas; area_occlusion is unavailable")
+        mask = torch.from_numpy(ctx.atlas_labels.astype(np.int64))[None, None]
+        attr = FeatureAblation(ctx.score_model).attribute(ctx.inputs, baselines=0, target=target,
+                                                          feature_mask=mask, perturbations_per_eval=2)
+        return np.clip(_to_numpy(attr), 0, None)
+
+
+class UnitMaps:
+    """Per-unit maps of the explained layer, upsampled and normalised together (not an attribution)."""
+
+    @staticmethod
+    def compute(ctx: ExplainContext, units: list[int]) -> np.ndarray:
+        assert ctx.feature_map is not None
+        return upsample(ctx.feature_map[units].float(), ctx.spatial).numpy()
+
+
+DDSM_METHODS: dict[str, Attribution] = {m.name: m for m in (
+    CAM(), GradCAM(), SaliencyMap(), GuidedBackpropagation(), IntegratedGrads(), Occlusion2D())}
+DDSM_DEFAULT = ("cam",)
+
+
+def mri_methods() -> dict[str, Attribution]:
+    from handlers.occlusion3d import Occlusion3D
+
+    return {m.name: m for m in (Sensitivity(), GuidedBackpropagation(), Occlusion3D(), AreaOcclusion(), GradCAM(),
+                                IntegratedGrads())}
+
+
+MRI_DEFAULT = ("gradcam",)
