@@ -27,7 +27,11 @@ MODELS := $(BUILD)/models
 MAR_DIR := $(BUILD)/model-store
 DEMO_PROFILE ?= demo
 
-.PHONY: help setup check-java data train archives serve stop demo test bench clean
+# Lint the code as part of the tests.
+lint: setup
+	$(VENV)/bin/ruff check .
+
+.PHONY: lint help setup check-java data train archives serve stop demo test bench clean
 
 help:
 	@echo "make demo      set up, generate synthetic data, train both models, build archives, serve, predict"
@@ -36,6 +40,8 @@ help:
 	@echo "make data | train | archives | serve | stop | bench | clean"
 
 setup: $(VENV)/.installed $(MINIO_BIN) check-java
+	@# gRPC stubs are generated from the .proto files inside the installed TorchServe jar (never committed)
+	$(PY) -m medxplain_client.stubs
 
 $(VENV)/.installed: requirements.txt
 	@command -v $(PYTHON_BASE) >/dev/null || { echo "need $(PYTHON_BASE)"; exit 1; }
@@ -82,11 +88,11 @@ stop: | setup
 demo: $(ARCHIVES)
 	$(PY) -m devstack demo --build $(BUILD)
 
-test: setup
+test: setup lint
 	$(PY) -m pytest tests
 
 bench: $(ARCHIVES)
-	$(PY) -m devstack bench --build $(BUILD)
+	$(PY) -m devstack.bench --build $(BUILD)
 
 clean:
 	-$(PY) -m devstack stop --state $(BUILD)/stack

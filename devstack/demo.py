@@ -1,53 +1,55 @@
-"""The demo's last step: start the stack and ask each served model for one prediction.
+"""The demo's serving step: start the stack, then ask each model for a prediction with units and a heatmap.
 
-Inputs are held-out synthetic cases (a malignant mammogram patch region and an AD subject), so the
-printed predictions can be checked against the generator's ground truth.
+Inputs are held-out synthetic cases (a lesion mammogram and an AD subject), so the printed
+predictions can be checked against the generator's ground truth. Results go through the same
+client a hospital system would use and land as JSON + PNG / NIfTI files under ``build/demo/``.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
-import requests
-
 from devstack.stack import print_endpoints, start
+from medxplain_client import Client
+from medxplain_client.outputs import write_outputs
+
+DEMO_REQUESTS = {"ddsm": {"explain": ["cam", "gradcam"], "top_k": 5},
+                 "adni": {"explain": ["gradcam", "occlusion"], "top_k": 5}}
 
 
-def _pick_ddsm_image(data_dir: Path) -> tuple[Path, str]:
-    with open(data_dir / "images.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
-    row = max(rows, key=lambda r: int(r["label"]))  # a lesion image if the test split has one
-    return data_dir / row["path"], f"case {row['case_id']} {row['side']} {row['view']}, true label {row['label']}"
-
-
-def _pick_adni_volume(data_dir: Path) -> tuple[Path, str]:
-    with open(data_dir / "subjects.csv", newline="") as f:
+def _pick(data_dir: Path, index: str) -> tuple[Path, str]:
+    """A held-out case with the highest label (a lesion / AD case if the test split has one)."""
+    with open(data_dir / index, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
     row = max(rows, key=lambda r: int(r["label"]))
-    return data_dir / row["path"], f"subject {row['subject_id']}, true label {row['label_name']}"
+    truth = row.get("label_name") or ("normal", "benign", "malignant")[int(row["label"])]
+    return data_dir / row["path"], truth
 
 
 def run_demo(build: Path) -> None:
     info = start(build / "stack", build / "model-store")
     ts = info["torchserve"]
-    keys = json.loads(Path(ts["token_file"]).read_text())
-    headers = {"Authorization": f"Bearer {keys['inference']['key']}"}
     out_dir = build / "demo"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for model, (path, truth) in {"ddsm": _pick_ddsm_image(build / "data" / "ddsm"),
-                                 "adni": _pick_adni_volume(build / "data" / "adni")}.items():
-        response = requests.post(f"{ts['inference']}/predictions/{model}", data=path.read_bytes(),
-                                 headers=headers, timeout=300)
-        response.raise_for_status()
-        result = response.json()
-        (out_dir / f"{model}_prediction.json").write_text(json.dumps(result, indent=2) + "\n")
-        pred = result["prediction"]
-        probs = ", ".join(f"{k} {v:.3f}" for k, v in pred["probabilities"].items())
-        print(f"\n{model}: {path.name} ({truth})\n  predicted {pred['label']} ({probs})"
-              f"\n  model {result['model']['name']} v{result['model']['version']}, "
-              f"archive digest {result['model']['archive_digest'][:16]}...  -> {out_dir / (model + '_prediction.json')}")
+    cases = {"ddsm": _pick(build / "data" / "ddsm", "images.csv"),
+             "adni": _pick(build / "data" / "adni", "subjects.csv")}
+    with Client(ts["inference"], key_file=ts["token_file"], timeout=600) as client:
+        for model, (path, truth) in cases.items():
+            params = DEMO_REQUESTS[model]
+            result = client.explain(model, path, methods=params["explain"], top_k=params["top_k"])
+            written = write_outputs(result, out_dir, f"{model}_{path.name.split('.')[0]}")
+            pred = result["prediction"]
+            probs = ", ".join(f"{k} {v:.3f}" for k, v in pred["probabilities"].items())
+            print(f"\n{model}: {path.name} (ground truth: {truth})")
+            print(f"  predicted {pred['label']} ({probs})")
+            print(f"  model {result['model']['name']} v{result['model']['version']}, "
+                  f"archive digest {result['model']['archive_digest'][:16]}...")
+            for unit in result.get("units", []):
+                labels = ", ".join(unit["labels"]) or "not yet annotated"
+                print(f"  unit {unit['unit']:4d}  rank {unit['rank']}  contribution {unit['contribution']:+.3f}  ({labels})")
+            for region in result.get("regions", {}).get("gradcam", [])[:3]:
+                print(f"  region #{region['rank']} by Grad-CAM relevance: {region['name']}")
+            print("  files: " + ", ".join(str(p) for p in written))
     print()
     print_endpoints(info)
     print("\nstop the services with `make stop`")

@@ -213,9 +213,11 @@ class TorchServeServer:
         return self
 
     def _healthy(self) -> bool:
-        if self.token_auth and not self.key_file.exists():
+        try:  # TorchServe creates key_file.json before it writes it: an empty file is "not yet"
+            headers = self.auth_header("inference")
+        except (OSError, ValueError, KeyError):
             return False
-        return _http_status(f"{self.inference_url}/ping", self.auth_header("inference")) == 200
+        return _http_status(f"{self.inference_url}/ping", headers) == 200
 
     def keys(self) -> dict[str, str]:
         """{'inference': ..., 'management': ...} from TorchServe's key_file.json."""

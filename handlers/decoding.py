@@ -88,12 +88,18 @@ def _decode_pil(data: bytes, kind: str) -> Image2D:
             img = Image.open(io.BytesIO(data))
             _check_size(img.height, img.width)  # header only: nothing decoded yet
             img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as err:
-        if isinstance(err, InputError):
-            raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PayloadTooLarge("image_too_large", f"the {kind.upper()} header declares more than "
+                              f"{MAX_IMAGE_PIXELS} pixels") from None
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InputError("corrupt_image", f"could not decode the {kind.upper()} image: {err}") from None
     mode = img.mode
+    if mode == "F":  # float TIFF: no fixed range, so scale min..max like DICOM
+        arr = _finite(np.asarray(img, dtype=np.float32))
+        lo, hi = float(arr.min()), float(arr.max())
+        return Image2D(pixels=(arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr), source_format=kind, bits=32)
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float32)
         bits = 16

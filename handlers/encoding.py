@@ -33,7 +33,7 @@ def encode_2d(values: np.ndarray, encoding: str, lo: float | None = None, hi: fl
                 "data": base64.b64encode(values.astype("<f2").tobytes()).decode()}
     q, lo, hi = _scale(values, lo, hi)
     buf = io.BytesIO()
-    Image.fromarray(q, mode="L").save(buf, format="PNG", optimize=True)
+    Image.fromarray(q).save(buf, format="PNG", optimize=True)
     return {"encoding": "png", "shape": list(values.shape), "scale": {"min": lo, "max": hi},
             "data": base64.b64encode(buf.getvalue()).decode()}
 

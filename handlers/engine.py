@@ -223,7 +223,7 @@ class DDSMEngine(Engine):
             return Prepared(torch.from_numpy(image.pixels)[None, None], "patch", options, {**meta, "mode": "patch"})
         scale = FULL_IMAGE_SHORT_SIDE / min(h, w)
         size = (max(PATCH_SIZE, round(w * scale)), max(PATCH_SIZE, round(h * scale)))
-        resized = np.asarray(Image.fromarray(image.pixels, mode="F").resize(size, Image.BILINEAR), dtype=np.float32)
+        resized = np.asarray(Image.fromarray(image.pixels).resize(size, Image.BILINEAR), dtype=np.float32)
         return Prepared(torch.from_numpy(resized)[None, None], "full", options,
                         {**meta, "mode": "full_image", "analysed_size": [size[1], size[0]]})
 
@@ -257,7 +257,7 @@ class DDSMEngine(Engine):
     def encode_maps(self, item, maps, names, shared_scale=False):
         h, w = item.meta["height"], item.meta["width"]
         if maps.shape[1:] != (h, w):  # back from the analysed size to the sent image's pixels
-            maps = np.stack([np.asarray(Image.fromarray(m, mode="F").resize((w, h), Image.BILINEAR)) for m in maps])
+            maps = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(m, dtype=np.float32)).resize((w, h), Image.BILINEAR)) for m in maps])
         lo, hi = (float(maps.min()), float(maps.max())) if shared_scale else (None, None)
         return {n: encode_2d(m, item.options.encoding, lo, hi) for n, m in zip(names, maps)}
 

@@ -1,4 +1,4 @@
-"""``python -m model_store``: synthetic data, training, checkpoint import and archives."""
+"""``python -m model_store``: synthetic data, training, checkpoint import, archives and evaluation."""
 
 from __future__ import annotations
 
@@ -59,6 +59,24 @@ def _digest(args: argparse.Namespace) -> None:
     print(mar_digest(args.path) if args.path.is_file() else content_digest(args.path))
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from model_store.evaluate import EvalConfig, evaluate, to_markdown
+
+    def methods(value: str | None) -> tuple[str, ...] | None:
+        return None if value is None else tuple(m for m in value.split(",") if m and m != "none")
+
+    config = EvalConfig(split=args.split, limit=args.limit, methods=methods(args.methods),
+                        patch_methods=methods(args.patch_methods), full_cascade=args.cascade, ig_steps=args.ig_steps,
+                        occlusion_size=args.occlusion_size, occlusion_stride=args.occlusion_stride)
+    report = evaluate(args.model, args.bundle, args.data, config)
+    markdown = to_markdown(report)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown)
+    print(markdown)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model_store", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -102,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("digest", help="print the content digest of a .mar or an unpacked archive folder")
     p.add_argument("path", type=Path)
     p.set_defaults(func=_digest)
+
+    p = sub.add_parser("evaluate", help="score the attribution methods against the synthetic ground-truth masks")
+    p.add_argument("--model", choices=["ddsm", "adni"], required=True)
+    p.add_argument("--bundle", type=Path, required=True, help="model bundle or unpacked .mar folder")
+    p.add_argument("--data", type=Path, required=True, help="folder written by `synth`")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, help="at most N lesion images / AD subjects")
+    p.add_argument("--methods", help="comma list for full images / volumes (default: ddsm all but "
+                   "integrated_gradients and occlusion, adni all)")
+    p.add_argument("--patch-methods", help="ddsm: comma list for lesion patches (default: all; 'none' skips them)")
+    p.add_argument("--cascade", action="store_true", help="report every randomisation step, not just top and full")
+    p.add_argument("--ig-steps", type=int, default=16)
+    p.add_argument("--occlusion-size", type=int, help="default: ddsm engine default; adni 40 mm in voxels")
+    p.add_argument("--occlusion-stride", type=int, help="default: ddsm engine default; adni 12 mm in voxels")
+    p.add_argument("--out", type=Path, help="JSON report")
+    p.add_argument("--markdown", type=Path, help="markdown report")
+    p.set_defaults(func=_evaluate)
     return parser
 
 

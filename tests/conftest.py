@@ -8,6 +8,7 @@ run exercises the real generator -> training -> archive -> serving path.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,14 @@ from model_store.synth import mammo, mri
 from model_store.train import train
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _interrupt(signum, frame):
+    """A CI timeout sends SIGTERM: turn it into KeyboardInterrupt so fixture teardown stops the servers."""
+    raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,90 @@
+"""``Client``: predictions and explanations from a MedXplain TorchServe, with auth and retries.
+
+Only "nothing happened" failures are retried (HTTP 503 / gRPC UNAVAILABLE, refused connections):
+a 4xx will fail the same way again, and a timed-out inference may still be running on the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Self
+
+from medxplain_client.errors import ClientError
+from medxplain_client.transports import GrpcTransport, RestTransport
+
+TOKEN_ENV = "MEDXPLAIN_TOKEN"
+
+
+def read_token(key_file: str | Path) -> str:
+    """The inference key from TorchServe's ``key_file.json`` (``{"inference": {"key": ...}, ...}``)."""
+    try:
+        return json.loads(Path(key_file).read_text())["inference"]["key"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read an inference key from {key_file}: {err!r}") from None
+
+
+class Client:
+    """A connection to one server; reuse it for many requests (it keeps the HTTP session / gRPC channel)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8080", grpc_target: str | None = None,
+                 token: str | None = None, key_file: str | Path | None = None, timeout: float = 120.0,
+                 retries: int = 3, transport: str = "rest", backoff: float = 0.5) -> None:
+        if transport not in ("rest", "grpc"):
+            raise ValueError(f"transport must be 'rest' or 'grpc', got {transport!r}")
+        if transport == "grpc" and not grpc_target:
+            raise ValueError("transport='grpc' needs grpc_target='host:port' (TorchServe's grpc_inference_port)")
+        token = token or os.environ.get(TOKEN_ENV) or (read_token(key_file) if key_file else None)
+        self.retries = retries
+        self.backoff = backoff  # seconds before the first retry; doubled for each further one
+        self.transport = (GrpcTransport(grpc_target, token, timeout) if transport == "grpc"
+                          else RestTransport(base_url, token, timeout))
+
+    def predict(self, model: str, path_or_bytes: str | Path | bytes, **params) -> dict:
+        """Prediction, ranked units and any heatmaps the params ask for (``explain=...``)."""
+        return self._send(model, path_or_bytes, params, explain=False)
+
+    def explain(self, model: str, path_or_bytes: str | Path | bytes, methods: Iterable[str] | str | None = None,
+                **params) -> dict:
+        """Prediction plus heatmaps; ``methods=None`` asks for the model's default methods."""
+        if methods is not None:
+            params["explain"] = methods
+        return self._send(model, path_or_bytes, params, explain=True)
+
+    def _send(self, model: str, path_or_bytes: str | Path | bytes, params: dict, explain: bool) -> dict:
+        if isinstance(path_or_bytes, bytes):
+            payload, filename = path_or_bytes, "input"
+        else:
+            payload, filename = Path(path_or_bytes).read_bytes(), Path(path_or_bytes).name
+        fields = {name: _field(value) for name, value in params.items() if value is not None}
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self.transport.send(model, payload, filename, fields, explain)
+            except ClientError as err:
+                err.attempts = attempt
+                if not err.retryable or attempt > self.retries:
+                    raise
+            time.sleep(self.backoff * 2 ** (attempt - 1))
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _field(value) -> str:
+    """The handler's text form: lists as comma lists (its ``explain`` syntax), booleans as true/false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)

@@ -1,0 +1,488 @@
+"""Explanation quality measured against the synthetic data's ground-truth masks.
+
+Definitions: ``/work/shared/notes/explanation-quality.md`` (pointing game, relevance mass and rank
+accuracy, Adebayo et al.'s model-randomisation check; for the MRI model also the seed paper's region
+ranking and distances between methods' mean maps). Maps come from the serving engine's own
+pipeline (prepare -> forward -> explain_context -> method.attribute), as raw float maps rather than
+the 8-bit encodings a client receives, so ties from quantisation cannot blur ranks.
+
+Choices that are not in the definitions, stated once here and repeated in the report:
+- the explained class is the ground-truth class (lesion class / AD), not the prediction;
+- ties at the maximum (occlusion maps are blocky) count as the fraction of tied pixels that hit,
+  ties at the K-th relevance as their expected share under random tie-breaking;
+- a map with no positive relevance has mass accuracy 0; a constant map has Spearman correlation 0;
+- randomisation re-initialises (``reset_parameters``, seeded) every parameterised top-level module
+  from the output down; BatchNorm layers get fresh affine parameters and running statistics;
+- MRI correlations use brain voxels only (outside the brain several methods are 0 for every model,
+  which would inflate the correlation); region rankings and distances average per-subject maps
+  clipped at 0 and normalised to sum 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+from scipy.stats import rankdata
+from tqdm import tqdm
+
+from handlers.engine import Engine
+from handlers.options import parse_options
+from handlers.regions import region_relevance
+from model_store.tiling import PATCH_SIZE, Tile, extract_patch
+
+DDSM_TOLERANCE_PX = 15
+MRI_TOLERANCE_VOXELS = 2
+SANITY_THRESHOLD = 0.5
+POINTING_BAR = 0.9
+TOP_REGIONS = 10
+# Minutes per full mammogram on 2 cores: evaluated on lesion patches unless named in --methods.
+DDSM_EXPENSIVE = ("integrated_gradients", "occlusion")
+# The seed's occlusion cube and stride in mm (40 / 12 voxels on its 1 mm grid).
+MRI_OCCLUSION_MM = (40, 12)
+
+
+# --- metrics (pure) ------------------------------------------------------------------------------
+
+def dilate(mask: np.ndarray, tolerance: float) -> np.ndarray:
+    """Mask grown by ``tolerance`` pixels/voxels (Euclidean), the pointing game's allowed miss."""
+    if tolerance <= 0:
+        return mask.astype(bool)
+    return ndimage.distance_transform_edt(~mask.astype(bool)) <= tolerance
+
+
+def pointing_game(relevance: np.ndarray, mask: np.ndarray, tolerance: float = 0) -> float:
+    """1 if the map's maximum lies in the (dilated) mask; tied maxima score the fraction that do."""
+    peak = relevance == relevance.max()
+    return float(dilate(mask, tolerance)[peak].mean())
+
+
+def mass_accuracy(relevance: np.ndarray, mask: np.ndarray) -> float:
+    """Positive relevance inside the mask / all positive relevance (0 without positive relevance)."""
+    positive = np.clip(relevance, 0, None)
+    total = float(positive.sum())
+    return float(positive[mask.astype(bool)].sum()) / total if total > 0 else 0.0
+
+
+def rank_accuracy(relevance: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the K = |mask| most relevant pixels inside the mask; ties at the cut count pro rata."""
+    flat, inside = relevance.ravel(), mask.ravel().astype(bool)
+    k = int(inside.sum())
+    kth = np.partition(flat, flat.size - k)[flat.size - k]
+    above, tied = flat > kth, flat == kth
+    hits = inside[above].sum() + (k - above.sum()) * inside[tied].mean()
+    return float(hits / k)
+
+
+def spearman(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float:
+    """Spearman rank correlation of two maps (over ``where``); 0 if either map is constant there."""
+    a, b = (a, b) if where is None else (a[where], b[where])
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(np.corrcoef(rankdata(a.ravel()), rankdata(b.ravel()))[0, 1])
+
+
+def normalised_positive(relevance: np.ndarray) -> np.ndarray:
+    """Map clipped at 0 and scaled to sum 1, so every subject weighs the same in a mean map."""
+    positive = np.clip(relevance, 0, None).astype(np.float64)
+    total = positive.sum()
+    return positive / total if total > 0 else positive
+
+
+def pairwise_l2(maps: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Euclidean distance between every two maps (the seed paper compared mean maps this way)."""
+    return {a: {b: float(np.linalg.norm(maps[a] - maps[b])) for b in maps} for a in maps}
+
+
+# --- model randomisation -------------------------------------------------------------------------
+
+def cascade(model: torch.nn.Module) -> list[str]:
+    """Top-level modules holding parameters, output first: the order Adebayo et al. randomise in."""
+    return [name for name, child in model.named_children() if next(child.parameters(), None) is not None][::-1]
+
+
+def randomised_engine(engine: Engine, depth: int, seed: int = 0) -> Engine:
+    """A copy of ``engine`` whose top ``depth`` cascade modules are re-initialised (nothing written).
+
+    One seed for every depth keeps the cascade nested: the layers randomised at depth d get the same
+    random weights at depth d + 1.
+    """
+    bundle = copy.deepcopy(engine.bundle)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        for name in cascade(bundle.model)[:depth]:
+            for module in getattr(bundle.model, name).modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+    return type(engine)(bundle, engine.archive_digest)
+
+
+def randomisation_depths(n_modules: int, full_cascade: bool) -> list[int]:
+    """Top layer and fully randomised, or every step in between with ``full_cascade``."""
+    return list(range(1, n_modules + 1)) if full_cascade else sorted({1, n_modules})
+
+
+# --- cases ---------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """One held-out input with a non-empty ground-truth mask on the grid of the sent input."""
+
+    case_id: str
+    payload: bytes
+    mask: np.ndarray
+    target: int
+
+
+def _rows(data_dir: Path, index: str, split: str) -> list[dict]:
+    with open(data_dir / index, newline="") as f:
+        return [r for r in csv.DictReader(f) if r["split"] == split]
+
+
+def _limited(rows: list[dict], limit: int | None) -> list[dict]:
+    return rows if limit is None else rows[:limit]
+
+
+def ddsm_cases(data_dir: Path, split: str, limit: int | None = None) -> list[Case]:
+    """Lesion images (benign/malignant) of the split as full mammograms; target = the image's label."""
+    rows = _limited([r for r in _rows(data_dir, "images.csv", split) if int(r["label"]) > 0], limit)
+    return [Case(r["image_id"], (data_dir / r["path"]).read_bytes(),
+                 np.asarray(Image.open(data_dir / r["mask_path"])) > 0, int(r["label"])) for r in rows]
+
+
+def lesion_patch(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A 227x227 patch at the model's scale holding the largest lesion, shifted randomly off centre.
+
+    The tile side is a quarter of the shorter image side, as in training; the shift (up to a quarter
+    tile per axis) keeps a centre-biased map from winning the pointing game for free.
+    """
+    components, _ = ndimage.label(mask)
+    largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
+    ys, xs = np.nonzero(components == largest)
+    side = min(image.shape) // 4
+    shift = rng.integers(-side // 4, side // 4 + 1, size=2)
+    y, x = (int(np.clip((lo + hi) // 2 - side // 2 + s, 0, n - side))
+            for lo, hi, s, n in zip((ys.min(), xs.min()), (ys.max(), xs.max()), shift, image.shape))
+    tile = Tile(y, x, side)
+    patch_mask = Image.fromarray(mask[y:y + side, x:x + side].astype(np.uint8)).resize((PATCH_SIZE,) * 2,
+                                                                                     Image.NEAREST)
+    return extract_patch(image, tile), np.asarray(patch_mask) > 0
+
+
+def _png16(grey: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.round(grey * 65535).astype(np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def ddsm_patch_cases(data_dir: Path, split: str, limit: int | None = None, seed: int = 0) -> list[Case]:
+    """The same lesion images cut to one lesion patch each, sent as 16-bit PNG (the engine's patch mode)."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for case in ddsm_cases(data_dir, split, limit):
+        image = np.asarray(Image.open(io.BytesIO(case.payload))).astype(np.uint16)
+        patch, mask = lesion_patch(image, case.mask, rng)
+        if mask.any():
+            cases.append(Case(case.case_id, _png16(patch), mask, case.target))
+    return cases
+
+
+def adni_cases(data_dir: Path, split: str, limit: int | None = None) -> list[Case]:
+    """AD subjects of the split with a non-empty atrophy mask; target = AD (label 1)."""
+    rows = _limited([r for r in _rows(data_dir, "subjects.csv", split) if int(r["label"]) == 1], limit)
+    cases = [Case(r["subject_id"], (data_dir / r["path"]).read_bytes(),
+                  np.asarray(nib.load(data_dir / r["mask_path"]).dataobj) > 0, 1) for r in rows]
+    return [c for c in cases if c.mask.any()]
+
+
+# --- maps from the engine ------------------------------------------------------------------------
+
+def engine_maps(engine: Engine, case: Case, methods: Sequence[str], params: dict) -> tuple[dict[str, np.ndarray], int]:
+    """Raw relevance maps on the mask's grid plus the predicted class, through the serving pipeline."""
+    options = parse_options({**params, "target": case.target, "top_k": 0}, engine.bundle.class_names,
+                            engine.methods, engine.default_methods, engine.model.num_units)
+    item = engine.prepare(case.payload, options)
+    fwd = engine.forward(item.mode, [item])[0]
+    ctx = engine.explain_context(item, fwd)
+    maps = {m: _on_grid(engine.methods[m].attribute(ctx, case.target, options), case.mask.shape) for m in methods}
+    return maps, int(np.argmax(fwd.probabilities))
+
+
+def _on_grid(relevance: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Full mammograms are analysed at 908 px; maps go back to the sent size as the engine does."""
+    if relevance.shape == shape:
+        return relevance
+    if relevance.ndim != 2:
+        raise ValueError(f"map of shape {relevance.shape} does not match the mask's {shape}")
+    image = Image.fromarray(np.ascontiguousarray(relevance, dtype=np.float32))
+    return np.asarray(image.resize((shape[1], shape[0]), Image.BILINEAR))
+
+
+# --- runner --------------------------------------------------------------------------------------
+
+@dataclass
+class Setting:
+    """One table of the report: a set of cases, the methods run on them and how they are scored."""
+
+    name: str
+    description: str
+    cases: list[Case]
+    methods: tuple[str, ...]
+    tolerance: float
+    tolerance_unit: str
+    spearman_where: np.ndarray | None = None
+    region_ranking: bool = False
+
+
+@dataclass
+class _Tally:
+    """Per-case scores of one method (localisation, and correlation per randomisation stage), averaged at the end."""
+
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    correlations: dict[str, list[float]] = field(default_factory=dict)
+    mean_map: np.ndarray | None = None
+
+    def add(self, key: str, value: float) -> None:
+        self.scores.setdefault(key, []).append(value)
+
+    def summary(self, threshold: float) -> dict:
+        rho = {stage: float(np.mean(v)) for stage, v in self.correlations.items()}
+        result: dict = {k: float(np.mean(v)) for k, v in self.scores.items()}
+        if rho:  # stages run from the top layer to the fully randomised model
+            values = list(rho.values())
+            result.update(randomisation_spearman=rho, sanity=sanity_flag(values[0], values[-1], threshold))
+        return result
+
+
+def evaluate_setting(trained: Engine, randomised: dict[str, Engine], setting: Setting, params: dict,
+                     threshold: float = SANITY_THRESHOLD, progress: bool = True) -> dict:
+    """Score every method of the setting on every case; correlations against each randomised engine."""
+    tallies = {m: _Tally() for m in setting.methods}
+    chance, correct = _Tally(), 0
+    bar = tqdm(total=len(setting.cases) * (1 + len(randomised)), desc=f"{trained.kind} {setting.name}",
+               unit="pass", disable=not progress)
+    for case in setting.cases:
+        maps, predicted = engine_maps(trained, case, setting.methods, params)
+        bar.update()
+        correct += predicted == case.target
+        _score_chance(chance, case.mask, setting.tolerance)
+        for method, relevance in maps.items():
+            _score_localisation(tallies[method], relevance, case.mask, setting.tolerance, setting.region_ranking)
+        for stage, engine in randomised.items():
+            random_maps, _ = engine_maps(engine, case, setting.methods, params)
+            bar.update()
+            for method, relevance in random_maps.items():
+                rho = spearman(maps[method], relevance, setting.spearman_where)
+                tallies[method].correlations.setdefault(stage, []).append(rho)
+    bar.close()
+    result = {"description": setting.description, "cases": len(setting.cases),
+              "case_ids": [c.case_id for c in setting.cases],
+              "tolerance": setting.tolerance, "tolerance_unit": setting.tolerance_unit,
+              "accuracy": correct / len(setting.cases), "chance": chance.summary(threshold),
+              "methods": {m: t.summary(threshold) for m, t in tallies.items()}}
+    result["best"] = _best(result["methods"])
+    if setting.region_ranking:
+        result.update(_region_report(trained, tallies, len(setting.cases)))
+    return result
+
+
+def _score_chance(chance: _Tally, mask: np.ndarray, tolerance: float) -> None:
+    """What a uniform map scores: the (dilated) mask's share of the image."""
+    chance.add("pointing_game", float(dilate(mask, tolerance).mean()))
+    chance.add("mass_accuracy", float(mask.mean()))
+    chance.add("rank_accuracy", float(mask.mean()))
+
+
+def _score_localisation(tally: _Tally, relevance: np.ndarray, mask: np.ndarray, tolerance: float,
+                        keep_mean_map: bool) -> None:
+    tally.add("pointing_game", pointing_game(relevance, mask, tolerance))
+    tally.add("mass_accuracy", mass_accuracy(relevance, mask))
+    tally.add("rank_accuracy", rank_accuracy(relevance, mask))
+    if keep_mean_map:
+        normalised = normalised_positive(relevance)
+        tally.mean_map = normalised if tally.mean_map is None else tally.mean_map + normalised
+
+
+def sanity_flag(top: float, full: float, threshold: float = SANITY_THRESHOLD) -> str:
+    """'fail' if the map survives full randomisation; a top-layer-only survivor is flagged separately."""
+    if full > threshold:
+        return "fail"
+    return "top-layer insensitive" if top > threshold else "ok"
+
+
+def _best(methods: dict[str, dict]) -> dict:
+    name = max(methods, key=lambda m: methods[m]["pointing_game"])
+    score = methods[name]["pointing_game"]
+    return {"method": name, "pointing_game": score, "bar": POINTING_BAR, "meets_bar": score >= POINTING_BAR}
+
+
+def _region_report(engine: Engine, tallies: dict[str, _Tally], n_cases: int) -> dict:
+    """The seed paper's MRI summaries over the mean (sum-1 normalised) map of each method."""
+    mean_maps = {m: t.mean_map / n_cases for m, t in tallies.items() if t.mean_map is not None}
+    atlas = engine.bundle.atlas
+    regions = ({m: region_relevance(v, atlas.labels, atlas.regions)[:TOP_REGIONS] for m, v in mean_maps.items()}
+               if atlas is not None else {})
+    return {"regions": regions, "method_distances": {"metric": "l2", "values": pairwise_l2(mean_maps)}}
+
+
+# --- whole evaluation ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EvalConfig:
+    split: str = "test"
+    limit: int | None = None
+    methods: tuple[str, ...] | None = None  # full images / volumes; None = the model's default set
+    patch_methods: tuple[str, ...] | None = None  # ddsm lesion patches; None = all, () = skip
+    full_cascade: bool = False
+    ig_steps: int = 16
+    occlusion_size: int | None = None
+    occlusion_stride: int | None = None
+    threshold: float = SANITY_THRESHOLD
+    seed: int = 0
+    progress: bool = True
+
+
+def evaluate(kind: str, bundle_dir: Path, data_dir: Path, config: EvalConfig = EvalConfig()) -> dict:
+    """Load the bundle into the serving engine, build the randomised copies and score every setting."""
+    engine = Engine.from_model_dir(bundle_dir)
+    if engine.kind != kind:
+        raise ValueError(f"{bundle_dir} holds a {engine.kind!r} model, not {kind!r}")
+    params = _params(engine, config)
+    settings = list(_settings(engine, Path(data_dir), config))
+    if not any(s.cases for s in settings):
+        raise ValueError(f"{data_dir}: no {config.split} cases with a ground-truth mask")
+    modules = cascade(engine.model)
+    depths = randomisation_depths(len(modules), config.full_cascade)
+    randomised = {modules[d - 1]: randomised_engine(engine, d, config.seed) for d in depths}
+    return {
+        "model": {"kind": kind, **engine.model_info()},
+        "settings": {"split": config.split, "limit": config.limit, "target": "ground-truth class",
+                     "ig_steps": params["ig_steps"], "occlusion_size": params.get("occlusion_size"),
+                     "occlusion_stride": params.get("occlusion_stride"), "sanity_threshold": config.threshold,
+                     "randomisation": {"cascade": modules, "stages": list(randomised), "top": modules[0],
+                                       "full": modules[-1], "seed": config.seed,
+                                       "init": "reset_parameters() of every module, output side first"}},
+        "evaluations": {s.name: evaluate_setting(engine, randomised, s, params, config.threshold, config.progress)
+                        for s in settings if s.cases and s.methods},
+    }
+
+
+def _params(engine: Engine, config: EvalConfig) -> dict:
+    """Request parameters; MRI occlusion defaults are the seed's 40 / 12 mm on the bundle's grid."""
+    params: dict = {"ig_steps": config.ig_steps, "occlusion_size": config.occlusion_size,
+                    "occlusion_stride": config.occlusion_stride}
+    if engine.kind == "adni":
+        voxel_mm = float(np.linalg.norm(engine.bundle.preprocessing.affine[:3, 0]))
+        size_mm, stride_mm = MRI_OCCLUSION_MM
+        params["occlusion_size"] = config.occlusion_size or round(size_mm / voxel_mm)
+        params["occlusion_stride"] = config.occlusion_stride or round(stride_mm / voxel_mm)
+    return params
+
+
+def _settings(engine: Engine, data_dir: Path, config: EvalConfig) -> Iterable[Setting]:
+    available = tuple(engine.methods)
+    split, limit = config.split, config.limit
+    if engine.kind == "adni":
+        methods = _checked(available if config.methods is None else config.methods, available)
+        yield Setting("volume", "AD subjects, whole volumes on the model grid", adni_cases(data_dir, split, limit),
+                      methods, MRI_TOLERANCE_VOXELS, "voxels", spearman_where=engine.bundle.preprocessing.brain_mask,
+                      region_ranking=True)
+        return
+    cheap = tuple(m for m in available if m not in DDSM_EXPENSIVE)
+    methods = _checked(cheap if config.methods is None else config.methods, available)
+    yield Setting("full_image", "lesion images, full mammograms (maps at the sent image's size)",
+                  ddsm_cases(data_dir, split, limit), methods, DDSM_TOLERANCE_PX, "px")
+    patch_methods = _checked(available if config.patch_methods is None else config.patch_methods, available)
+    if patch_methods:
+        yield Setting("patch", "the same lesion images cut to one 227x227 patch at the model's scale holding the "
+                      "largest lesion, shifted off centre by up to a quarter tile",
+                      ddsm_patch_cases(data_dir, split, limit, config.seed), patch_methods, DDSM_TOLERANCE_PX, "px")
+
+
+def _checked(methods: Sequence[str], available: Sequence[str]) -> tuple[str, ...]:
+    unknown = sorted(set(methods) - set(available))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {sorted(available)}")
+    return tuple(methods)
+
+
+# --- markdown ------------------------------------------------------------------------------------
+
+def to_markdown(report: dict) -> str:
+    """The report as markdown: settings, one table per evaluation, MRI regions and distances."""
+    model, settings = report["model"], report["settings"]
+    lines = [f"## {model['kind']}: explanation quality", "", *_settings_lines(model, settings), ""]
+    for name, result in report["evaluations"].items():
+        lines += _evaluation_lines(name, result, settings["randomisation"])
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _settings_lines(model: dict, settings: dict) -> list[str]:
+    rnd = settings["randomisation"]
+    occlusion = [settings[k] or "engine default" for k in ("occlusion_size", "occlusion_stride")]
+    return [
+        f"- model: `{model['name']}` version {model['version']}, weights sha256 `{model['weights_sha256']}`",
+        (f"- cases: split `{settings['split']}`, limit {settings['limit'] or 'none'}; "
+         f"explained class: {settings['target']}"),
+        f"- integrated gradients: {settings['ig_steps']} steps; occlusion size / stride: {occlusion[0]} / {occlusion[1]}",
+        (f"- randomisation: {rnd['init']} (seed {rnd['seed']}); top layer = `{rnd['top']}`, full = down to "
+         f"`{rnd['full']}`; flag `fail` = full-randomisation Spearman ρ above {settings['sanity_threshold']}"),
+    ]
+
+
+def _evaluation_lines(name: str, result: dict, rnd: dict) -> list[str]:
+    top, full = rnd["top"], rnd["full"]
+    best, chance = result["best"], result["chance"]
+    lines = [
+        f"### {name}", "",
+        (f"{result['description']}; {result['cases']} cases; pointing-game tolerance {result['tolerance']:g} "
+         f"{result['tolerance_unit']}; prediction accuracy on these cases {result['accuracy']:.2f}."), "",
+        f"| method | pointing game | mass accuracy | rank accuracy | ρ top layer (`{top}`) | ρ full | flag |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, r in result["methods"].items():
+        rho = r["randomisation_spearman"]
+        lines.append(f"| {method} | {r['pointing_game']:.2f} | {r['mass_accuracy']:.3f} | {r['rank_accuracy']:.3f} "
+                     f"| {rho[top]:.2f} | {rho[full]:.2f} | {r['sanity']} |")
+    lines += [
+        (f"| chance (uniform map) | {chance['pointing_game']:.2f} | {chance['mass_accuracy']:.3f} "
+         f"| {chance['rank_accuracy']:.3f} | | | |"), "",
+        (f"Best pointing game: `{best['method']}` {best['pointing_game']:.2f} "
+         f"(bar {best['bar']}: {'met' if best['meets_bar'] else 'NOT met'})."), "",
+    ]
+    if result.get("regions"):
+        lines += _region_lines(result["regions"])
+    if "method_distances" in result:
+        lines += _distance_lines(result["method_distances"])
+    return lines
+
+
+def _region_lines(regions: dict[str, list[dict]]) -> list[str]:
+    methods = list(regions)
+    lines = [
+        (f"Top {TOP_REGIONS} atlas regions by summed relevance of the mean map (each subject's map clipped at 0 "
+         "and normalised to sum 1; value = share of all relevance):"), "",
+        "| rank | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods),
+    ]
+    for rank in range(max(len(r) for r in regions.values())):
+        cells = [f"{r[rank]['name']} {r[rank]['sum']:.3f}" if rank < len(r) else "" for r in regions.values()]
+        lines.append(f"| {rank + 1} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _distance_lines(distances: dict) -> list[str]:
+    values = distances["values"]
+    methods = list(values)
+    lines = [f"Distance ({distances['metric'].upper()}) between the methods' mean maps, each normalised to sum 1:",
+             "", "| | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
+    lines += [f"| {a} | " + " | ".join(f"{values[a][b]:.2e}" for b in methods) + " |" for a in methods]
+    return lines + [""]
