@@ -48,6 +48,7 @@ class ExplainContext:
     class_weights: torch.Tensor | None = None  # (classes, units) linear read-out (mammography)
     brain_mask: np.ndarray | None = None
     atlas_labels: np.ndarray | None = None
+    voxel_mm: float = 1.0  # MRI grid spacing: occlusion defaults are given in mm
 
     @property
     def spatial(self) -> tuple[int, ...]:

@@ -325,7 +325,8 @@ class ADNIEngine(Engine):
         atlas = self.bundle.atlas
         return ExplainContext(score_model=self.score, explained_layer=self.model.relu_4, inputs=item.inputs.clone(),
                               feature_map=fwd.feature_map, brain_mask=self.prep.brain_mask,
-                              atlas_labels=None if atlas is None else atlas.labels)
+                              atlas_labels=None if atlas is None else atlas.labels,
+                              voxel_mm=float(np.abs(np.linalg.det(self.prep.affine[:3, :3])) ** (1 / 3)))
 
     def unit_scores(self, ctx, fwd, target):
         """Grad-CAM weights: only the cheap head (pool + dense layers) is differentiated."""

@@ -14,8 +14,11 @@ zero) input unchanged, so its relevance is exactly 0 and no forward pass is need
 the activations in its projection through each layer, so the unoccluded activations are cached once
 and, per window, only that box of every conv -> BN -> ReLU -> max-pool layer is recomputed from a
 crop of the cached layer input with the recomputed box of the previous layer pasted in. Only the
-cheap head sees the whole (patched) last-block map. Boxes are recomputed exactly, so the map equals
-the full recomputation (``occlusion_map_reference``) up to float32 rounding.
+cheap head sees the whole (patched) last-block map. The windows of a batch share one box extent
+(boxes may only grow: extra outputs are recomputed from unchanged inputs); where a box grows to the
+whole map (large cubes, deep layers) the crop is the whole map, i.e. that layer is recomputed in
+full. Boxes are recomputed exactly, so the map equals the full recomputation
+(``occlusion_map_reference``) up to float32 rounding.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from model_store.models.adni import CHANNELS, POOL_SIZES, ClassificationModel3D
 DEFAULT_SIZE, DEFAULT_STRIDE = 40, 12  # the paper's figure (the seed's code defaults are 50 / 25)
 MAX_PASSES = 20_000
 KERNEL = 3  # every conv of ClassificationModel3D: k=3, stride 1, no padding
-FAST_BATCH, REFERENCE_BATCH = 4, 4  # small incremental batches keep the crops in cache
+REFERENCE_BATCH = 4
 CROP_BUDGET = 2**24  # block-1 output elements per incremental batch (64 MB in fp32)
 
 Window = tuple[tuple[int, ...], tuple[slice, ...]]
@@ -117,8 +120,9 @@ class _Patch:
 class _Cache:
     """Activations of the unoccluded input: conv inputs x0..x3 and post-ReLU block outputs a1..a4.
 
-    Held as numpy views: crops and pastes are many small strided copies, which numpy does on one
-    thread, while torch spreads each over its OpenMP pool and stalls when the cores are busy.
+    Held, and worked on between convs, as numpy arrays: crops, pastes, BN/ReLU and pooling are many
+    small memory-bound ops, which numpy runs on one thread, while torch spreads each over its OpenMP
+    pool and stalls whenever another process holds a core.
     """
 
     inputs: list[np.ndarray]  # (1, C, *n) each
@@ -129,17 +133,17 @@ def _block(model: ClassificationModel3D, i: int, x: np.ndarray) -> np.ndarray:
     """``model.block(i, x)``: the conv in torch, then BatchNorm (eval: a per-channel affine map) and ReLU
     in place, which saves two copies of the largest maps."""
     bn = getattr(model, f"Conv_{i}_bn")
-    scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).numpy()[:, None, None, None]
-    shift = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).numpy()[:, None, None, None]
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
     y = getattr(model, f"Conv_{i}")(torch.from_numpy(x)).numpy()
-    np.multiply(y, scale, out=y)
-    np.add(y, shift, out=y)
+    np.multiply(y, scale.numpy()[:, None, None, None], out=y)
+    np.add(y, shift.numpy()[:, None, None, None], out=y)
     return np.maximum(y, 0, out=y)
 
 
 def _max_pool(x: np.ndarray, p: int) -> np.ndarray:
-    """``MaxPool3d(p)`` of a map whose extent is a multiple of p, as p^3 strided maxima: several times
-    faster than torch's 3D max-pool, which also computes indices."""
+    """``MaxPool3d(p)`` of a map whose extent is a multiple of p, as p^3 strided maxima: 2-4x faster
+    than torch's 3D max-pool, which also computes indices."""
     b, c, d, h, w = x.shape
     views = x.reshape(b, c, d // p, p, h // p, p, w // p, p)
     out = views[:, :, :, 0, :, 0, :, 0].copy()
@@ -148,13 +152,24 @@ def _max_pool(x: np.ndarray, p: int) -> np.ndarray:
     return out
 
 
+def _full_block(model: ClassificationModel3D, i: int, x: np.ndarray) -> np.ndarray:
+    """Block i on a whole (1, C, *n) map in slabs along the first axis (each with the conv's halo), at
+    most CROP_BUDGET outputs at a time: a full-size conv's workspace is about twice its output."""
+    c_out = getattr(model, f"Conv_{i}").out_channels
+    d, h, w = (n - (KERNEL - 1) for n in x.shape[2:])
+    out = np.empty((1, c_out, d, h, w), dtype=np.float32)
+    depth = max(CROP_BUDGET // (c_out * h * w), 1)
+    for z in range(0, d, depth):
+        out[:, :, z:z + depth] = _block(model, i, x[:, :, z:z + depth + KERNEL - 1])
+    return out
+
+
 def _cache_activations(model: ClassificationModel3D, volume: np.ndarray) -> _Cache:
     inputs, blocks = [volume], []
     for i, p in enumerate(POOL_SIZES, start=1):
-        blocks.append(_block(model, i, inputs[-1]))
+        blocks.append(_full_block(model, i, inputs[-1]))
         if i < len(POOL_SIZES):
-            pooled = np.array(blocks[-1].shape[2:]) // p
-            inputs.append(_max_pool(_crop(blocks[-1], np.zeros((1, 3), int), pooled * p), p))
+            inputs.append(_max_pool(blocks[-1][_box((0, 0, 0), np.array(blocks[-1].shape[2:]) // p * p)], p))
     return _Cache(inputs, blocks)
 
 
@@ -168,8 +183,9 @@ def _fit(lo: np.ndarray, hi: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.
     return np.clip(np.minimum(lo, n - extent), 0, None), extent
 
 
-def _box(lo: np.ndarray, hi: np.ndarray) -> tuple[slice, ...]:
-    return (slice(None), *(slice(a, z) for a, z in zip(lo, hi)))
+def _box(lo: np.ndarray | tuple[int, ...], hi: np.ndarray) -> tuple:
+    """Index of the box [lo, hi) in the last three (spatial) dimensions."""
+    return (..., *(slice(a, z) for a, z in zip(lo, hi)))
 
 
 def _crop(src: np.ndarray, lo: np.ndarray, extent: np.ndarray) -> np.ndarray:
@@ -234,6 +250,13 @@ def _occluded_probability(model: ClassificationModel3D, cache: _Cache, windows: 
     return _probability(model.head, torch.from_numpy(features), target).numpy()
 
 
+def default_batch_size() -> int:
+    """Windows per incremental batch. On one thread, 4 keeps the crops in cache (measured: 6 ms per
+    window vs 11 at 16); with more threads every small op is an OpenMP fork/join, which larger
+    batches amortise (2 threads: 18 ms at 16 vs 39 at 4, on a 2-core machine with other load)."""
+    return 4 if torch.get_num_threads() == 1 else 16
+
+
 def _batch_limit(windows: list[Window], shape: np.ndarray, batch_size: int) -> int:
     """Windows per batch, capped so the batch's block-1 output stays under CROP_BUDGET elements.
 
@@ -248,7 +271,7 @@ def _batch_limit(windows: list[Window], shape: np.ndarray, batch_size: int) -> i
 
 @torch.inference_mode()
 def incremental_drops(model: ClassificationModel3D, volume: torch.Tensor, target: int, windows: list[Window],
-                      batch_size: int = FAST_BATCH) -> np.ndarray:
+                      batch_size: int | None = None) -> np.ndarray:
     """p(unoccluded) - p(occluded) per window, by incremental inference (same values as ``reference_drops``)."""
     if model.training:
         raise ValueError("incremental occlusion needs the model in eval mode (BatchNorm must be per-channel affine)")
@@ -257,7 +280,7 @@ def incremental_drops(model: ClassificationModel3D, volume: torch.Tensor, target
         return drops
     cache = _cache_activations(model, volume.detach().float().contiguous().numpy())
     base = float(_probability(model.head, torch.from_numpy(cache.blocks[-1]), target)[0])
-    step = _batch_limit(windows, np.array(volume.shape[2:]), batch_size)
+    step = _batch_limit(windows, np.array(volume.shape[2:]), batch_size or default_batch_size())
     for start in range(0, len(windows), step):
         chunk = windows[start:start + step]
         drops[start:start + len(chunk)] = base - _occluded_probability(model, cache, chunk, target)
@@ -265,7 +288,7 @@ def incremental_drops(model: ClassificationModel3D, volume: torch.Tensor, target
 
 
 def occlusion_map(model: ClassificationModel3D, volume: torch.Tensor, target: int, size: int, stride: int,
-                  brain_mask: np.ndarray | None = None, batch_size: int = FAST_BATCH) -> np.ndarray:
+                  brain_mask: np.ndarray | None = None, batch_size: int | None = None) -> np.ndarray:
     """volume: (1, 1, D, H, W) normalised input -> relevance map (D, H, W)."""
     shape = tuple(volume.shape[2:])
     windows = occluded_windows(shape, size, stride, brain_mask)
@@ -278,7 +301,8 @@ class Occlusion3D:
     online = True
 
     def attribute(self, ctx, target, options) -> np.ndarray:
-        size = options.occlusion_size or DEFAULT_SIZE
-        stride = options.occlusion_stride or DEFAULT_STRIDE
+        # Defaults are the seed's millimetres (its grid was 1 mm); on a coarser grid they shrink in voxels.
+        size = options.occlusion_size or max(1, round(DEFAULT_SIZE / ctx.voxel_mm))
+        stride = options.occlusion_stride or max(1, round(DEFAULT_STRIDE / ctx.voxel_mm))
         model = ctx.score_model.model  # the raw logits model; softmax is applied here
         return occlusion_map(model, ctx.inputs, target, size, stride, ctx.brain_mask)

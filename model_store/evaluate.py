@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,7 +240,8 @@ class Setting:
     methods: tuple[str, ...]
     tolerance: float
     tolerance_unit: str
-    spearman_where: np.ndarray | None = None
+    spearman_where: np.ndarray | None = None  # None: every pixel
+    spearman_domain: str = "all pixels"
     region_ranking: bool = False
 
 
@@ -267,7 +269,7 @@ def evaluate_setting(trained: Engine, randomised: dict[str, Engine], setting: Se
                      threshold: float = SANITY_THRESHOLD, progress: bool = True) -> dict:
     """Score every method of the setting on every case; correlations against each randomised engine."""
     tallies = {m: _Tally() for m in setting.methods}
-    chance, correct = _Tally(), 0
+    chance, correct, started = _Tally(), 0, time.monotonic()
     bar = tqdm(total=len(setting.cases) * (1 + len(randomised)), desc=f"{trained.kind} {setting.name}",
                unit="pass", disable=not progress)
     for case in setting.cases:
@@ -287,6 +289,7 @@ def evaluate_setting(trained: Engine, randomised: dict[str, Engine], setting: Se
     result = {"description": setting.description, "cases": len(setting.cases),
               "case_ids": [c.case_id for c in setting.cases],
               "tolerance": setting.tolerance, "tolerance_unit": setting.tolerance_unit,
+              "spearman_domain": setting.spearman_domain, "seconds": round(time.monotonic() - started),
               "accuracy": correct / len(setting.cases), "chance": chance.summary(threshold),
               "methods": {m: t.summary(threshold) for m, t in tallies.items()}}
     result["best"] = _best(result["methods"])
@@ -395,7 +398,7 @@ def _settings(engine: Engine, data_dir: Path, config: EvalConfig) -> Iterable[Se
         methods = _checked(available if config.methods is None else config.methods, available)
         yield Setting("volume", "AD subjects, whole volumes on the model grid", adni_cases(data_dir, split, limit),
                       methods, MRI_TOLERANCE_VOXELS, "voxels", spearman_where=engine.bundle.preprocessing.brain_mask,
-                      region_ranking=True)
+                      spearman_domain="brain voxels", region_ranking=True)
         return
     cheap = tuple(m for m in available if m not in DDSM_EXPENSIVE)
     methods = _checked(cheap if config.methods is None else config.methods, available)
@@ -428,14 +431,20 @@ def to_markdown(report: dict) -> str:
 
 def _settings_lines(model: dict, settings: dict) -> list[str]:
     rnd = settings["randomisation"]
-    occlusion = [settings[k] or "engine default" for k in ("occlusion_size", "occlusion_stride")]
+    occlusion = ("engine default (1/8 of the shorter side / half of that)" if settings["occlusion_size"] is None
+                 else f"{settings['occlusion_size']} / {settings['occlusion_stride']} px or voxels of the analysed grid")
     return [
         f"- model: `{model['name']}` version {model['version']}, weights sha256 `{model['weights_sha256']}`",
         (f"- cases: split `{settings['split']}`, limit {settings['limit'] or 'none'}; "
          f"explained class: {settings['target']}"),
-        f"- integrated gradients: {settings['ig_steps']} steps; occlusion size / stride: {occlusion[0]} / {occlusion[1]}",
+        f"- integrated gradients: {settings['ig_steps']} steps; occlusion size / stride: {occlusion}",
         (f"- randomisation: {rnd['init']} (seed {rnd['seed']}); top layer = `{rnd['top']}`, full = down to "
-         f"`{rnd['full']}`; flag `fail` = full-randomisation Spearman ρ above {settings['sanity_threshold']}"),
+         f"`{rnd['full']}`; ρ = Spearman rank correlation between the trained and the randomised model's map, "
+         f"per case, averaged; flag `fail` = ρ full above {settings['sanity_threshold']}, `top-layer insensitive` = "
+         "only ρ top layer above it"),
+        ("- metrics: pointing game with the mask dilated by the tolerance (tied maxima score the fraction inside); "
+         "mass accuracy = positive relevance inside / all positive relevance; rank accuracy over the top K = "
+         "mask-size pixels (ties at the cut pro rata); chance row = scores of a uniform map"),
     ]
 
 
@@ -445,7 +454,8 @@ def _evaluation_lines(name: str, result: dict, rnd: dict) -> list[str]:
     lines = [
         f"### {name}", "",
         (f"{result['description']}; {result['cases']} cases; pointing-game tolerance {result['tolerance']:g} "
-         f"{result['tolerance_unit']}; prediction accuracy on these cases {result['accuracy']:.2f}."), "",
+         f"{result['tolerance_unit']}; ρ over {result['spearman_domain']}; prediction accuracy on these cases "
+         f"{result['accuracy']:.2f}; {result['seconds']} s."), "",
         f"| method | pointing game | mass accuracy | rank accuracy | ρ top layer (`{top}`) | ρ full | flag |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -15,6 +15,7 @@ import torch
 
 from handlers.occlusion3d import (
     Occlusion3D,
+    Window,
     incremental_drops,
     occluded_windows,
     occlusion_map,
@@ -29,16 +30,19 @@ SHAPE = (97, 115, 97)
 ATOL = 1e-5
 
 
-def _ball(centre: tuple[int, ...], radius: float) -> np.ndarray:
+def _ellipsoid(centre: tuple[int, ...], radii: tuple[float, ...]) -> np.ndarray:
     grid = np.indices(SHAPE, dtype=np.float32)
-    return sum(((g - c) / radius) ** 2 for g, c in zip(grid, centre)) <= 1
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1
+
+
+def _ball(centre: tuple[int, ...], radius: float) -> np.ndarray:
+    return _ellipsoid(centre, (radius,) * 3)
 
 
 @pytest.fixture(scope="module")
 def brain() -> tuple[torch.Tensor, np.ndarray]:
     """A brain-ish mask (ellipsoid) and a normalised volume that is 0 outside it."""
-    grid = np.indices(SHAPE, dtype=np.float32)
-    mask = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, (48, 57, 48), (40, 48, 36))) <= 1
+    mask = _ellipsoid((48, 57, 48), (40, 48, 36))
     rng = np.random.default_rng(0)
     volume = np.where(mask, rng.normal(size=SHAPE), 0).astype(np.float32)
     return torch.from_numpy(volume)[None, None], mask
@@ -64,8 +68,8 @@ def random_model(brain) -> ClassificationModel3D:
     return model
 
 
-def _border_windows(shape: tuple[int, ...], size: int, stride: int):
-    """Corners, edges, faces and the middle of the grid: every mix of clipped and unclipped cubes."""
+def _border_windows(shape: tuple[int, ...], size: int, stride: int) -> list[Window]:
+    """Opposite corners, edge/face mixes and the middle of the grid: clipped and unclipped cubes."""
     grid = dict(window_grid(shape, size, stride))
     last = tuple(len(range(0, n, stride)) - 1 for n in shape)
     picks = [(0, 0, 0), last, (0, last[1], last[2] // 2), (last[0] // 2, last[1] // 2, last[2] // 2),
@@ -159,7 +163,7 @@ def test_planted_voxel_is_found_exactly_where_expected(planted):
 def test_attribute_with_the_seed_defaults(planted):
     model, volume = planted
     mask = _ball(BRIGHT, 6)
-    ctx = SimpleNamespace(score_model=SimpleNamespace(model=model), inputs=volume, brain_mask=mask)
+    ctx = SimpleNamespace(score_model=SimpleNamespace(model=model), inputs=volume, brain_mask=mask, voxel_mm=1.0)
     relevance = Occlusion3D().attribute(ctx, 1, SimpleNamespace(occlusion_size=None, occlusion_stride=None))
     drop = _p_ad(model, volume) - 0.5
     windows = window_grid(SHAPE, 40, 12)
