@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import warnings
+import zlib
 from dataclasses import dataclass, field
 
 import nibabel as nib
@@ -187,6 +188,6 @@ def _gunzip(data: bytes) -> bytes:
                 out.write(chunk)
                 if out.tell() > MAX_DECOMPRESSED_BYTES:
                     raise PayloadTooLarge("volume_too_large", "the gzip stream inflates beyond the size limit")
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
         raise InputError("corrupt_gzip", f"could not decompress the gzip data: {err}") from None
     return out.getvalue()

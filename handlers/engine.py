@@ -31,7 +31,7 @@ from handlers.attribution import (
 )
 from handlers.decoding import decode_image, decode_volume
 from handlers.encoding import encode_2d, encode_3d
-from handlers.errors import InputError
+from handlers.errors import InputError, ServerError
 from handlers.options import RequestOptions, parse_options
 from handlers.regions import region_relevance
 from handlers.units import rank_units
@@ -111,6 +111,9 @@ class Engine(ABC):
                 prepared.append(self.prepare(req.payload, options))
             except InputError as err:
                 prepared.append(err)
+            except Exception:  # one undecodable item must not fail its whole batch
+                log.exception("unexpected error while preparing an input")
+                prepared.append(ServerError("internal_error", "the input could not be processed; the error was logged"))
         results: list[dict | InputError] = list(prepared)
         for mode in sorted({p.mode for p in prepared if isinstance(p, Prepared)}):
             idx = [i for i, p in enumerate(prepared) if isinstance(p, Prepared) and p.mode == mode]
@@ -120,6 +123,9 @@ class Engine(ABC):
                     results[i] = self.respond(prepared[i], fwd)  # type: ignore[arg-type]
                 except InputError as err:
                     results[i] = err
+                except Exception:  # isolate the item, keep the batch and the worker
+                    log.exception("unexpected error while explaining an input")
+                    results[i] = ServerError("internal_error", "the explanation failed; the error was logged")
         return results
 
     def respond(self, item: Prepared, fwd: Forward) -> dict:

@@ -23,3 +23,9 @@ class PayloadTooLarge(InputError):
 
 class UnsupportedMediaType(InputError):
     status = 415
+
+
+class ServerError(InputError):
+    """An unexpected failure on one item: answered as a 500 for that item only, details go to the log."""
+
+    status = 500

@@ -48,7 +48,9 @@ class TrainConfig:
 
 PROFILES: dict[str, dict[str, TrainConfig]] = {
     "demo": {"ddsm": TrainConfig(epochs=6, batch_size=32, lr=1e-3),
-             "adni": TrainConfig(epochs=12, batch_size=8, lr=3e-4, dropout=0.5)},
+             # The seed's dropout 0.8 / lr 1e-4 need far more epochs than the budget allows; on the
+             # 2 mm grid the head sees only 64x1x2x1 features, so light dropout suffices.
+             "adni": TrainConfig(epochs=20, batch_size=8, lr=1e-3, dropout=0.2)},
     "test": {"ddsm": TrainConfig(epochs=3, batch_size=16, lr=1e-3, normal_per_image=1),
              "adni": TrainConfig(epochs=6, batch_size=4, lr=3e-4, dropout=0.5)},
 }

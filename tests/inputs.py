@@ -72,6 +72,15 @@ def nifti_bytes(data: np.ndarray, affine: np.ndarray, compress: bool = True) -> 
     return gzip.compress(raw, mtime=0) if compress else raw
 
 
+def nifti_singular_affine(data: np.ndarray) -> bytes:
+    """A NIfTI whose only orientation is an all-zero sform (no qform): no voxel-to-world mapping."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(data.dtype)
+    header.set_qform(None, code=0)
+    header.set_sform(np.zeros((4, 4)), code=1)
+    return gzip.compress(nib.Nifti1Image(data, None, header).to_bytes(), mtime=0)
+
+
 def gzip_bomb(size_bytes: int) -> bytes:
     """A small .gz that inflates to `size_bytes` of zeros after a valid NIfTI header."""
     header = nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)).to_bytes()[:352]

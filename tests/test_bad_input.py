@@ -92,7 +92,7 @@ def _adni_cases(valid: bytes) -> dict:
         "4d nifti": {"body": inputs.nifti_bytes(np.zeros((10, 10, 10, 2), np.float32), np.eye(4))},
         "nan voxels": {"body": inputs.nifti_bytes(nan, affine)},
         "not placeable": {"body": inputs.nifti_bytes(data, far)},
-        "singular affine": {"body": inputs.nifti_bytes(data, np.zeros((4, 4)))},
+        "singular affine": {"body": inputs.nifti_singular_affine(data)},
         "gzip bomb": {"body": inputs.gzip_bomb(600 * 1024 * 1024)},
         "unknown method": {"fields": {"data": valid, "explain": "cam"}},
         "bad stride": {"fields": {"data": valid, "explain": "occlusion", "occlusion_stride": "0"}},
