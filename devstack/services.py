@@ -120,6 +120,7 @@ class MinioServer:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> MinioServer:
+        self.data_dir, self.log_path = self.data_dir.resolve(), self.log_path.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "MINIO_ROOT_USER": self.access_key, "MINIO_ROOT_PASSWORD": self.secret_key,
                "MINIO_BROWSER": "off", "MINIO_UPDATE": "off", "MINIO_CALLHOME_ENABLE": "off"}
@@ -197,6 +198,7 @@ class TorchServeServer:
         return props
 
     def start(self, timeout: float = 240.0) -> TorchServeServer:
+        self.workdir, self.model_store = self.workdir.resolve(), self.model_store.resolve()  # it runs in workdir
         for sub in ("tmp", "logs", "workflow-store"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "config.properties"

@@ -49,6 +49,12 @@ class ExplainContext:
     brain_mask: np.ndarray | None = None
     atlas_labels: np.ndarray | None = None
     voxel_mm: float = 1.0  # MRI grid spacing: occlusion defaults are given in mm
+    logit_model: nn.Module | None = None  # pre-softmax scores, when score_model is a probability
+
+    @property
+    def gradcam_model(self) -> nn.Module:
+        """Grad-CAM weights come from pre-softmax scores (Selvaraju et al.): a saturated softmax has ~0 gradient."""
+        return self.logit_model or self.score_model
 
     @property
     def spatial(self) -> tuple[int, ...]:
@@ -84,10 +90,10 @@ class CAM(Attribution):
 
 
 class GradCAM(Attribution):
-    name, description = "gradcam", "Grad-CAM on the last conv block (Captum LayerGradCam), ReLU, upsampled"
+    name, description = "gradcam", "Grad-CAM on the last conv block (Captum LayerGradCam, pre-softmax score), ReLU, upsampled"
 
     def attribute(self, ctx, target, options):
-        layer_attr = LayerGradCam(ctx.score_model, ctx.explained_layer).attribute(
+        layer_attr = LayerGradCam(ctx.gradcam_model, ctx.explained_layer).attribute(
             ctx.inputs, target=target, relu_attributions=True)
         mode = "bilinear" if len(ctx.spatial) == 2 else "trilinear"
         return _to_numpy(LayerAttribution.interpolate(layer_attr, ctx.spatial, interpolate_mode=mode))

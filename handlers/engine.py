@@ -329,17 +329,18 @@ class ADNIEngine(Engine):
 
     def explain_context(self, item: Prepared, fwd: Forward) -> ExplainContext:
         atlas = self.bundle.atlas
-        return ExplainContext(score_model=self.score, explained_layer=self.model.relu_4, inputs=item.inputs.clone(),
+        return ExplainContext(score_model=self.score, logit_model=self.model, explained_layer=self.model.relu_4,
+                              inputs=item.inputs.clone(),
                               feature_map=fwd.feature_map, brain_mask=self.prep.brain_mask,
                               atlas_labels=None if atlas is None else atlas.labels,
                               voxel_mm=float(np.abs(np.linalg.det(self.prep.affine[:3, :3])) ** (1 / 3)))
 
     def unit_scores(self, ctx, fwd, target):
-        """Grad-CAM weights: only the cheap head (pool + dense layers) is differentiated."""
+        """Grad-CAM weights of the target logit: only the cheap head (pool + dense layers) is differentiated."""
         fmap = fwd.feature_map[None].clone().requires_grad_(True)
         with torch.enable_grad():
-            prob = torch.softmax(self.model.head(fmap), dim=1)[0, target]
-            (grad,) = torch.autograd.grad(prob, fmap)
+            logit = self.model.head(fmap)[0, target]
+            (grad,) = torch.autograd.grad(logit, fmap)
         activations = fwd.feature_map.flatten(1).amax(dim=1).numpy()
         return activations, grad[0].flatten(1).mean(dim=1).numpy()
 
