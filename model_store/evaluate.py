@@ -48,8 +48,8 @@ POINTING_BAR = 0.9
 TOP_REGIONS = 10
 # Minutes per full mammogram on 2 cores: evaluated on lesion patches unless named in --methods.
 DDSM_EXPENSIVE = ("integrated_gradients", "occlusion")
-# The seed's occlusion cube and stride in mm (40 / 12 voxels on its 1 mm grid).
-MRI_OCCLUSION_MM = (40, 12)
+OCCLUSION_DEFAULTS = {"ddsm": "engine default (window 1/8 of the shorter side, stride half of it, fill 0)",
+                      "adni": "engine default (the seed's 40 / 12 mm cube / stride in voxels of the model grid)"}
 
 
 # --- metrics (pure) ------------------------------------------------------------------------------
@@ -359,7 +359,8 @@ def evaluate(kind: str, bundle_dir: Path, data_dir: Path, config: EvalConfig = E
     engine = Engine.from_model_dir(bundle_dir)
     if engine.kind != kind:
         raise ValueError(f"{bundle_dir} holds a {engine.kind!r} model, not {kind!r}")
-    params = _params(engine, config)
+    params = {"ig_steps": config.ig_steps, "occlusion_size": config.occlusion_size,
+              "occlusion_stride": config.occlusion_stride}
     settings = list(_settings(engine, Path(data_dir), config))
     if not any(s.cases for s in settings):
         raise ValueError(f"{data_dir}: no {config.split} cases with a ground-truth mask")
@@ -369,26 +370,14 @@ def evaluate(kind: str, bundle_dir: Path, data_dir: Path, config: EvalConfig = E
     return {
         "model": {"kind": kind, **engine.model_info()},
         "settings": {"split": config.split, "limit": config.limit, "target": "ground-truth class",
-                     "ig_steps": params["ig_steps"], "occlusion_size": params.get("occlusion_size"),
-                     "occlusion_stride": params.get("occlusion_stride"), "sanity_threshold": config.threshold,
+                     "ig_steps": config.ig_steps, "occlusion_size": config.occlusion_size,
+                     "occlusion_stride": config.occlusion_stride, "sanity_threshold": config.threshold,
                      "randomisation": {"cascade": modules, "stages": list(randomised), "top": modules[0],
                                        "full": modules[-1], "seed": config.seed,
                                        "init": "reset_parameters() of every module, output side first"}},
         "evaluations": {s.name: evaluate_setting(engine, randomised, s, params, config.threshold, config.progress)
                         for s in settings if s.cases and s.methods},
     }
-
-
-def _params(engine: Engine, config: EvalConfig) -> dict:
-    """Request parameters; MRI occlusion defaults are the seed's 40 / 12 mm on the bundle's grid."""
-    params: dict = {"ig_steps": config.ig_steps, "occlusion_size": config.occlusion_size,
-                    "occlusion_stride": config.occlusion_stride}
-    if engine.kind == "adni":
-        voxel_mm = float(np.linalg.norm(engine.bundle.preprocessing.affine[:3, 0]))
-        size_mm, stride_mm = MRI_OCCLUSION_MM
-        params["occlusion_size"] = config.occlusion_size or round(size_mm / voxel_mm)
-        params["occlusion_stride"] = config.occlusion_stride or round(stride_mm / voxel_mm)
-    return params
 
 
 def _settings(engine: Engine, data_dir: Path, config: EvalConfig) -> Iterable[Setting]:
@@ -431,8 +420,9 @@ def to_markdown(report: dict) -> str:
 
 def _settings_lines(model: dict, settings: dict) -> list[str]:
     rnd = settings["randomisation"]
-    occlusion = ("engine default (1/8 of the shorter side / half of that)" if settings["occlusion_size"] is None
-                 else f"{settings['occlusion_size']} / {settings['occlusion_stride']} px or voxels of the analysed grid")
+    size, stride = settings["occlusion_size"], settings["occlusion_stride"]
+    occlusion = (OCCLUSION_DEFAULTS[model["kind"]] if size is None and stride is None
+                 else f"size {size or 'default'} / stride {stride or 'default'} (pixels or voxels of the analysed grid)")
     return [
         f"- model: `{model['name']}` version {model['version']}, weights sha256 `{model['weights_sha256']}`",
         (f"- cases: split `{settings['split']}`, limit {settings['limit'] or 'none'}; "
