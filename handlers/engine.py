@@ -32,6 +32,7 @@ from handlers.attribution import (
 from handlers.decoding import decode_image, decode_volume
 from handlers.encoding import encode_2d, encode_3d
 from handlers.errors import InputError, ServerError
+from handlers.features import ItemFeatures, extract_features
 from handlers.options import RequestOptions, parse_options
 from handlers.regions import region_relevance
 from handlers.units import rank_units
@@ -103,6 +104,10 @@ class Engine(ABC):
 
     def run(self, requests: list[EngineRequest]) -> list[dict | InputError]:
         """One result per request, in order; a bad item yields its error without failing the others."""
+        return [r if isinstance(r, InputError) else r[0] for r in self.run_with_features(requests)]
+
+    def run_with_features(self, requests: list[EngineRequest]) -> list[tuple[dict, ItemFeatures] | InputError]:
+        """:meth:`run` plus each item's :class:`ItemFeatures` (the batch job's entry: same code path)."""
         prepared: list[Prepared | InputError] = []
         for req in requests:
             try:
@@ -114,13 +119,15 @@ class Engine(ABC):
             except Exception:  # one undecodable item must not fail its whole batch
                 log.exception("unexpected error while preparing an input")
                 prepared.append(ServerError("internal_error", "the input could not be processed; the error was logged"))
-        results: list[dict | InputError] = list(prepared)
+        results: list[tuple[dict, ItemFeatures] | InputError] = list(prepared)  # type: ignore[arg-type]
         for mode in sorted({p.mode for p in prepared if isinstance(p, Prepared)}):
             idx = [i for i, p in enumerate(prepared) if isinstance(p, Prepared) and p.mode == mode]
             forwards = self.forward(mode, [prepared[i] for i in idx])  # type: ignore[misc]
             for i, fwd in zip(idx, forwards):
                 try:
-                    results[i] = self.respond(prepared[i], fwd)  # type: ignore[arg-type]
+                    item = prepared[i]
+                    results[i] = (self.respond(item, fwd),  # type: ignore[arg-type]
+                                  extract_features(fwd.feature_map, item.inputs, self.peak_window))  # type: ignore[union-attr]
                 except InputError as err:
                     results[i] = err
                 except Exception:  # isolate the item, keep the batch and the worker
@@ -162,6 +169,8 @@ class Engine(ABC):
         response["timing_ms"] = timings
         response["warnings"] = item.warnings
         return response
+
+    peak_window: int | None = None  # cells per side of ItemFeatures.peak_maps (2D models)
 
     def add_method_extras(self, response: dict, method: str, relevance: np.ndarray) -> None:
         """Hook for per-method side outputs (the MRI region table)."""
@@ -216,6 +225,7 @@ class DDSMEngine(Engine):
     methods = DDSM_METHODS
     default_methods = DDSM_DEFAULT
     weight_source = "classifier"
+    peak_window = 7  # ~ one 227 px patch at layer4's stride of 32 px
 
     def __init__(self, bundle: ModelBundle, archive_digest: str) -> None:
         super().__init__(bundle, archive_digest)
@@ -229,7 +239,7 @@ class DDSMEngine(Engine):
             return Prepared(torch.from_numpy(image.pixels)[None, None], "patch", options, {**meta, "mode": "patch"})
         scale = FULL_IMAGE_SHORT_SIDE / min(h, w)
         size = (max(PATCH_SIZE, round(w * scale)), max(PATCH_SIZE, round(h * scale)))
-        resized = np.asarray(Image.fromarray(image.pixels).resize(size, Image.BILINEAR), dtype=np.float32)
+        resized = np.array(Image.fromarray(image.pixels).resize(size, Image.BILINEAR), dtype=np.float32)
         return Prepared(torch.from_numpy(resized)[None, None], "full", options,
                         {**meta, "mode": "full_image", "analysed_size": [size[1], size[0]]})
 

@@ -1,0 +1,52 @@
+"""Per-item features of the explained layer that run-level analyses need (batch only).
+
+The online API returns ranked units and maps; a batch run additionally keeps, per item, every
+unit's peak activation and where it occurred, so that the unit atlas (top-activating patches per
+unit, DeepMiner) and the similarity index can be built after the run without a second forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ItemFeatures:
+    """Everything is in feature-map cells unless named otherwise."""
+
+    pooled: np.ndarray  # (units,) float32: spatial maximum per unit, the `activation` of the API
+    peak: np.ndarray  # (units, ndim) int32: cell of that maximum
+    map_shape: tuple[int, ...]  # spatial shape of the explained layer
+    cell_size: tuple[float, ...]  # analysed-input pixels (voxels) per cell along each axis
+    peak_maps: np.ndarray | None  # ddsm: (units, w, w) float16 window of each unit's map around its peak
+    display: np.ndarray  # the analysed input as the model saw it (grey pixels 0..65535 / z-scored volume)
+
+    @property
+    def embedding(self) -> np.ndarray:
+        """L2-normalised pooled vector: the similarity embedding (fixed per model version)."""
+        norm = float(np.linalg.norm(self.pooled))
+        return (self.pooled / norm if norm > 0 else self.pooled).astype(np.float32)
+
+
+def extract_features(feature_map: torch.Tensor, analysed: torch.Tensor, window: int | None) -> ItemFeatures:
+    """feature_map (units, *cells); analysed (1, 1, *pixels); window = cells per side of peak_maps (2D only)."""
+    fmap = feature_map.detach().float()
+    units, spatial = fmap.shape[0], tuple(fmap.shape[1:])
+    flat = fmap.flatten(1)
+    pooled, where = flat.max(dim=1)
+    peak = np.stack(np.unravel_index(where.numpy(), spatial), axis=1).astype(np.int32)
+    pixels = tuple(analysed.shape[2:])
+    cell_size = tuple(p / c for p, c in zip(pixels, spatial))
+    peak_maps = None
+    if window is not None and len(spatial) == 2:
+        # A window x window crop centred on the peak, zero outside the map: the unit's map over
+        # the patch the atlas shows. Cut by hand: torchvision's crop works per image, not per unit.
+        half = window // 2
+        padded = torch.nn.functional.pad(fmap, (half, half, half, half))
+        peak_maps = np.stack([padded[u, r:r + window, c:c + window].numpy() for u, (r, c) in enumerate(peak)])
+        peak_maps = peak_maps.astype(np.float16)
+    return ItemFeatures(pooled.numpy().astype(np.float32), peak, spatial, cell_size, peak_maps,
+                        analysed[0, 0].detach().float().numpy())
