@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from devstack.services import MinioServer, ServiceError, TorchServeServer, stop_process_group
+from medxplain_client.s3 import S3Config
 
 DEFAULT_PORTS = {"minio": 9000, "minio_console": 9001, "inference": 8080, "management": 8081, "metrics": 8082,
                  "grpc": 7070, "grpc_management": 7071}
@@ -46,8 +47,7 @@ def start(state: Path, model_store: Path) -> dict:
                        "models": sorted(models)},
     }
     env_file = state / "minio.env"
-    env_file.write_text(f"MINIO_ENDPOINT={minio.endpoint}\nMINIO_ACCESS_KEY={minio.access_key}\n"
-                        f"MINIO_SECRET_KEY={minio.secret_key}\nMINIO_SECURE=false\n")
+    env_file.write_text(S3Config(minio.endpoint, False, minio.access_key, minio.secret_key).env_lines())
     env_file.chmod(0o600)
     _state_file(state).write_text(json.dumps(info, indent=2) + "\n")
     return info

@@ -34,7 +34,7 @@ class ItemFeatures:
 def extract_features(feature_map: torch.Tensor, analysed: torch.Tensor, window: int | None) -> ItemFeatures:
     """feature_map (units, *cells); analysed (1, 1, *pixels); window = cells per side of peak_maps (2D only)."""
     fmap = feature_map.detach().float()
-    units, spatial = fmap.shape[0], tuple(fmap.shape[1:])
+    spatial = tuple(fmap.shape[1:])
     flat = fmap.flatten(1)
     pooled, where = flat.max(dim=1)
     peak = np.stack(np.unravel_index(where.numpy(), spatial), axis=1).astype(np.int32)
