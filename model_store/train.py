@@ -132,14 +132,15 @@ def train_ddsm(data_dir: Path, out_dir: Path, cfg: TrainConfig, version: str = "
         return ((_ddsm_tensor(train_x[idx], rng), torch.from_numpy(train_y[idx]))
                 for idx in np.array_split(order, _steps(len(order), cfg.batch_size)))
 
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     history = _fit(model, batches, _steps(len(train_y), cfg.batch_size), cfg, "ddsm")
     seconds = time.monotonic() - started
+    cpu_seconds = time.process_time() - cpu_started
     probs = _predict(model, lambda bs: (_ddsm_tensor(test_x[i:i + bs]) for i in range(0, len(test_y), bs)), 64)
     metrics = classification_report(test_y, probs, list(ddsm_model.CLASS_NAMES))
     return _save(ModelBundle(kind="ddsm", name="ddsm", version=version, class_names=list(ddsm_model.CLASS_NAMES),
                              model=model),
-                 out_dir, cfg, metrics, history, seconds, data_dir, level="patch")
+                 out_dir, cfg, metrics, history, (seconds, cpu_seconds), data_dir, level="patch")
 
 
 # --- ADNI -------------------------------------------------------------------------------------
@@ -182,23 +183,28 @@ def train_adni(data_dir: Path, out_dir: Path, cfg: TrainConfig, version: str = "
         return ((torch.from_numpy(train_x[idx]), torch.from_numpy(train_y[idx]))
                 for idx in np.array_split(order, _steps(len(order), cfg.batch_size)))
 
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     history = _fit(model, batches, _steps(len(train_y), cfg.batch_size), cfg, "adni")
     seconds = time.monotonic() - started
+    cpu_seconds = time.process_time() - cpu_started
     probs = _predict(model, lambda bs: (torch.from_numpy(test_x[i:i + bs]) for i in range(0, len(test_y), bs)), 4)
     metrics = classification_report(test_y, probs, list(adni_model.CLASS_NAMES))
     labels, regions = load_atlas(data_dir / "atlas.nii.gz", data_dir / "atlas_labels.csv")
     bundle = ModelBundle(kind="adni", name="adni", version=version, class_names=list(adni_model.CLASS_NAMES),
                          model=model, preprocessing=prep, atlas=Atlas(labels=labels, regions=regions))
-    return _save(bundle, out_dir, cfg, metrics, history, seconds, data_dir, level="subject")
+    return _save(bundle, out_dir, cfg, metrics, history, (seconds, cpu_seconds), data_dir, level="subject")
 
 
 # --- shared -----------------------------------------------------------------------------------
 
 def _save(bundle: ModelBundle, out_dir: Path, cfg: TrainConfig, metrics: dict, history: list[float],
-          seconds: float, data_dir: Path, level: str) -> dict:
+          timing: tuple[float, float], data_dir: Path, level: str) -> dict:
+    """timing = (wall, CPU) seconds of the training loop; CPU time / threads estimates the wall time
+    on an otherwise idle machine, which wall time alone cannot show when other jobs share the cores."""
+    seconds, cpu_seconds = timing
     dataset = json.loads((data_dir / "dataset.json").read_text())
     report = {"test": {**metrics, "level": level}, "train_seconds": round(seconds, 1),
+              "train_cpu_seconds": round(cpu_seconds, 1), "torch_threads": torch.get_num_threads(),
               "loss_history": history, "config": asdict(cfg)}
     bundle.card = {"training": {"data": {k: dataset.get(k) for k in ("generator", "version", "seed")},
                                 "config": asdict(cfg), "seconds": round(seconds, 1)},
