@@ -47,3 +47,5 @@ class ModelInfo:
     classifier_weight: np.ndarray | None = None  # ddsm: (classes, units) fc weight
     classifier_bias: np.ndarray | None = None
     extra: dict = field(default_factory=dict)  # model.json content
+    # adni: the template grid's affine (the bundle's mean.nii.gz), for the run's mean maps
+    grid_affine: np.ndarray | None = None

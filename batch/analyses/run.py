@@ -1,16 +1,133 @@
-"""Entry point: every run-level analysis that applies to the run's model kind, as objects."""
+"""Entry point: every run-level analysis that applies to the run's model kind, as objects.
+
+One pass over the records' heatmaps feeds both the MRI mean maps and the explanation-quality
+scores, so a heatmap stored in object storage is loaded once per run.
+"""
 
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 
+import numpy as np
+from tqdm import tqdm
+
+from batch.analyses.common import dumps, group_class, truth_index
+from batch.analyses.embeddings import embedding_matrix, npy_bytes
+from batch.analyses.mri import MeanMaps
+from batch.analyses.quality import ExplanationScores, classification_report
+from batch.analyses.similarity import build_similarity
+from batch.analyses.units import build_units
 from batch.records import ItemRecord, ModelInfo
 
 # Run-level summary of the analyses (counts, timings, what was skipped and why) for the manifest.
 SUMMARY_KEY = "analyses.json"
 
 
+@contextmanager
+def _timed(timings: dict, name: str):
+    started = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - started, 3)
+
+
 def build_run_outputs(records: list[ItemRecord], model: ModelInfo, *, atlas_top_n: int = 64,
                       neighbours: int = 20, progress: bool = False) -> dict[str, bytes]:
-    """Keys relative to the run prefix (docs/architecture.md) -> object bytes, plus SUMMARY_KEY."""
-    return {SUMMARY_KEY: json.dumps({"items": len(records), "model": model.name}).encode()}
+    """Keys relative to the run prefix (docs/architecture.md "Run-level analyses") -> object bytes.
+
+    Always includes SUMMARY_KEY ("analyses.json"): items, which objects were built or skipped and
+    why, and seconds per analysis; the manifest can embed it.
+    """
+    out: dict[str, bytes] = {}
+    timings: dict[str, float] = {}
+    summary: dict = {"items": len(records), "model": {"kind": model.kind, "name": model.name, "version": model.version},
+                     "seconds": timings, "skipped": {}}
+    names = model.class_names
+
+    with _timed(timings, "embeddings_similarity"):
+        if records and all("embedding" in r.features for r in records):
+            ids, matrix = embedding_matrix(records)
+            out["index/ids.json"] = dumps(ids)
+            out["index/embeddings.npy"] = npy_bytes(matrix)
+            truth = [truth_index(r, model) for r in records]
+            out["index/similarity.json"] = build_similarity(
+                ids, matrix, [r.case_id for r in records], [None if t is None else names[t] for t in truth],
+                [names[r.predicted] for r in records], k=neighbours)
+            summary["embeddings"] = {"items": len(ids), "dim": int(matrix.shape[1]), "neighbours": neighbours,
+                                     "cases": len({r.case_id for r in records})}
+        else:
+            summary["skipped"]["index"] = "no items" if not records else "items without features['embedding']"
+
+    if model.kind == "ddsm":
+        with _timed(timings, "units"):
+            units, summary["units"] = build_units(records, model, atlas_top_n)
+            out.update(units)
+    else:
+        summary["skipped"]["units"] = (
+            "unit atlas and rankings are built for 2D mammography only: MRI result.json units carry per-subject "
+            "Grad-CAM weights (a first-order estimate) for the target class's top-k units only, so frequency and "
+            "mean-contribution rankings over a run would be biased, and there are no patches to annotate")
+
+    with _timed(timings, "heatmaps"):
+        mean_maps, scores = _heatmap_pass(records, model, progress)
+    if mean_maps is not None:
+        with _timed(timings, "mri"):
+            affine, source = _grid_affine(records, model)
+            objects, mri_summary = mean_maps.objects(affine, source)
+            out.update(objects)
+            out["mri/summary.json"] = dumps(mri_summary)
+            summary["mri"] = {c: v["subjects"] for c, v in mri_summary["classes"].items()}
+            summary["mri_affine_source"] = source
+
+    with _timed(timings, "report"):
+        labelled = [(r, truth_index(r, model)) for r in records]
+        labelled = [(r, t) for r, t in labelled if t is not None]
+        if labelled:
+            probabilities = np.array([[float(r.result["prediction"]["probabilities"][n]) for n in names]
+                                      for r, _ in labelled])
+            report = {"classification": classification_report([t for _, t in labelled],
+                                                               [r.predicted for r, _ in labelled], probabilities, names),
+                      "explanations": scores.report(), "items": len(records), "items_with_truth": len(labelled)}
+            out["report.json"] = dumps(report)
+            summary["report"] = {"items_with_truth": len(labelled), "auc_macro": report["classification"]["auc_macro"]}
+        else:
+            summary["skipped"]["report"] = "no item has ground truth"
+
+    summary["objects"] = len(out)
+    out[SUMMARY_KEY] = json.dumps(summary, indent=1).encode()
+    return out
+
+
+def _heatmap_pass(records: list[ItemRecord], model: ModelInfo, progress: bool) -> tuple[MeanMaps | None, ExplanationScores]:
+    """Load each stored heatmap once; feed the MRI means (adni) and the quality scores (items with a mask)."""
+    mean_maps = MeanMaps(model.class_names) if model.kind == "adni" and records else None
+    scores = ExplanationScores(model.kind)
+    for record in tqdm(records, desc="run analyses: heatmaps", unit="item", disable=not progress):
+        methods = sorted(record.result.get("heatmaps") or {})
+        cls, source = group_class(record, model)
+        if mean_maps is not None:
+            mean_maps.add_subject(cls, source)
+        mask = record.load_mask() if methods and source == "truth" else None
+        has_mask = mask is not None and bool(np.any(mask))
+        if mean_maps is None and not has_mask:
+            continue
+        target = record.result.get("target", {}).get("index", record.predicted)
+        for method in methods:
+            heatmap = np.asarray(record.load_heatmap(method), np.float32)
+            if mean_maps is not None:
+                mean_maps.add(cls, method, heatmap, (record.result.get("regions") or {}).get(method))
+            if has_mask:
+                scores.add(record.item_id, method, heatmap, np.asarray(mask).astype(bool), target == cls)
+    return mean_maps, scores
+
+
+def _grid_affine(records: list[ItemRecord], model: ModelInfo) -> tuple[np.ndarray, str]:
+    """The template grid's affine: ModelInfo.grid_affine, else a non-resampled input's affine."""
+    if model.grid_affine is not None:
+        return np.asarray(model.grid_affine, np.float64), "model"
+    for record in records:
+        meta = record.result.get("input", {})
+        if meta.get("affine") is not None and not meta.get("resampled", False):
+            return np.asarray(meta["affine"], np.float64), f"input affine of item {record.item_id}"
+    return np.eye(4), "identity (no affine known)"
