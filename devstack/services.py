@@ -239,6 +239,42 @@ class TorchServeServer:
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
+@dataclass
+class StreamlitServer:
+    """``streamlit run ui/app.py`` on 127.0.0.1, configured through environment variables only."""
+
+    workdir: Path
+    env: dict[str, str]  # MEDXAI_* settings for the UI (storage env file, TorchServe URL and key file)
+    port: int = field(default_factory=free_port)
+    pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "streamlit.log"
+
+    def start(self, timeout: float = 90.0) -> StreamlitServer:
+        self.workdir = self.workdir.resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env, "HOME": os.environ.get("HOME", str(self.workdir)),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        cmd = [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "ui" / "app.py"),
+               "--server.headless=true", "--server.address=127.0.0.1", f"--server.port={self.port}",
+               "--browser.gatherUsageStats=false", "--server.fileWatcherType=none"]
+        proc = _start(cmd, self.log_path, REPO_ROOT, env)
+        self.pid = proc.pid
+        _wait(lambda: _http_status(f"{self.url}/_stcore/health") == 200, "Streamlit", timeout, proc, self.log_path)
+        return self
+
+    def stop(self) -> None:
+        if self.pid:
+            stop_process_group(self.pid)
+            self.pid = None
+
+
 def read_properties(path: Path) -> dict[str, str]:
     props: dict[str, str] = {}
     for line in path.read_text().splitlines():

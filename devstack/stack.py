@@ -6,11 +6,11 @@ import json
 import os
 from pathlib import Path
 
-from devstack.services import MinioServer, ServiceError, TorchServeServer, stop_process_group
+from devstack.services import MinioServer, ServiceError, StreamlitServer, TorchServeServer, stop_process_group
 from medxplain_client.s3 import S3Config
 
 DEFAULT_PORTS = {"minio": 9000, "minio_console": 9001, "inference": 8080, "management": 8081, "metrics": 8082,
-                 "grpc": 7070, "grpc_management": 7071}
+                 "grpc": 7070, "grpc_management": 7071, "ui": 8501}
 
 
 def _port(name: str) -> int:
@@ -41,7 +41,7 @@ def start(state: Path, model_store: Path) -> dict:
         minio.stop()
         raise
     info = {
-        "minio": {"endpoint": minio.endpoint, "pid": minio.pid, "credentials_file": str(state / "minio.env")},
+        "minio": {"endpoint": minio.endpoint, "pid": minio.pid, "credentials_file": str((state / "minio.env").resolve())},
         "torchserve": {"inference": ts.inference_url, "management": ts.management_url, "metrics": ts.metrics_url,
                        "grpc": f"127.0.0.1:{ts.grpc_port}", "pid": ts.pid, "token_file": str(ts.key_file),
                        "models": sorted(models)},
@@ -59,12 +59,28 @@ def stop(state: Path) -> None:
         print("nothing running")
         return
     info = json.loads(path.read_text())
-    for service in ("torchserve", "minio"):
+    for service in ("ui", "torchserve", "minio"):
         pid = info.get(service, {}).get("pid")
         if pid:
             stop_process_group(int(pid))
             print(f"stopped {service} (pid {pid})")
     path.unlink()
+
+
+def ui_env(info: dict) -> dict[str, str]:
+    """The UI's settings: where runs and annotations live and how to reach TorchServe."""
+    return {"MEDXAI_S3_ENV_FILE": info["minio"]["credentials_file"],
+            "MEDXAI_TORCHSERVE_URL": info["torchserve"]["inference"],
+            "MEDXAI_TORCHSERVE_KEY_FILE": info["torchserve"]["token_file"]}
+
+
+def start_ui(state: Path) -> dict:
+    """Start the Streamlit UI next to a running stack and record it in the state file."""
+    info = json.loads(_state_file(state).read_text())
+    ui = StreamlitServer(workdir=state / "ui", env=ui_env(info), port=_port("ui")).start()
+    info["ui"] = {"url": ui.url, "pid": ui.pid, "log": str(ui.log_path)}
+    _state_file(state).write_text(json.dumps(info, indent=2) + "\n")
+    return info
 
 
 def print_endpoints(info: dict) -> None:
@@ -74,3 +90,5 @@ def print_endpoints(info: dict) -> None:
     print(f"management       {ts['management']} (loopback only)   metrics {ts['metrics']}/metrics")
     print(f"token file       {ts['token_file']}  (send 'Authorization: Bearer <inference key>')")
     print(f"MinIO            http://{minio['endpoint']}  credentials in {minio['credentials_file']}")
+    if "ui" in info:
+        print(f"UI               {info['ui']['url']}  (log {info['ui']['log']})")
