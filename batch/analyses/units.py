@@ -23,8 +23,8 @@ def patch_box(peak: np.ndarray, cell_size: np.ndarray, map_shape: np.ndarray, si
     """[y0, x0, y1, x1] of a size-px box centred on the peak cell's centre, clipped to the image."""
     image = np.round(np.asarray(map_shape, float) * np.asarray(cell_size, float))
     centre = (np.asarray(peak, float) + 0.5) * np.asarray(cell_size, float)
-    lo = np.clip(np.round(centre - size / 2), 0, image)
-    hi = np.clip(np.round(centre + size / 2), 0, image)
+    start = np.floor(centre - size / 2 + 0.5)
+    lo, hi = np.clip(start, 0, image), np.clip(start + size, 0, image)
     return [int(lo[0]), int(lo[1]), int(hi[0]), int(hi[1])]
 
 
@@ -94,6 +94,9 @@ def build_units(records: list[ItemRecord], model: ModelInfo, top_n: int) -> tupl
     """All units/ objects and a summary of what was built."""
     if not records:
         return {}, {"skipped": "no items"}
+    missing = [r.item_id for r in records if not {"pooled", "peak", "map_shape", "cell_size"} <= set(r.features)]
+    if missing:
+        return {}, {"skipped": f"{len(missing)} items without pooled/peak features, e.g. {missing[0]}"}
     pooled = pooled_matrix(records)
     out = unit_atlas(records, pooled, top_n)
     summary: dict = {"units": pooled.shape[1], "atlas_top_n": min(top_n, len(records))}
