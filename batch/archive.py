@@ -1,0 +1,85 @@
+"""Load the same ``.mar`` TorchServe serves: unpack it safely and build the engine from it.
+
+A ``.mar`` is a zip; member names are checked before anything is written (no absolute paths, no
+``..``, no links), so a crafted archive cannot write outside the temporary folder (zip-slip).
+"""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from handlers.engine import Engine
+from model_store.bundle import sha256_file
+
+MAX_UNPACKED_BYTES = 8 * 1024 ** 3
+
+
+class ArchiveError(ValueError):
+    """The archive is missing, not a model archive, or unsafe (a usage error: exit 2)."""
+
+
+@dataclass
+class LoadedArchive:
+    path: Path
+    sha256: str  # of the .mar file itself
+    engine: Engine
+    directory: Path  # the unpacked archive (removed by close())
+
+    @property
+    def archive_digest(self) -> str:
+        return self.engine.archive_digest
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def safe_extract(mar: Path, dest: Path) -> None:
+    try:
+        zf = zipfile.ZipFile(mar)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise ArchiveError(f"{mar} is not a readable model archive (.mar zip): {err}") from None
+    with zf:
+        total = 0
+        for info in zf.infolist():
+            name = PurePosixPath(info.filename)
+            if name.is_absolute() or ".." in name.parts or "\\" in info.filename or ":" in info.filename:
+                raise ArchiveError(f"{mar}: unsafe member name {info.filename!r}")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise ArchiveError(f"{mar}: symbolic link member {info.filename!r}")
+            total += info.file_size
+        if total > MAX_UNPACKED_BYTES:
+            raise ArchiveError(f"{mar}: unpacks to {total} bytes, more than the {MAX_UNPACKED_BYTES} limit")
+        root = dest.resolve()
+        for info in zf.infolist():
+            target = (root / info.filename).resolve()
+            if not target.is_relative_to(root):
+                raise ArchiveError(f"{mar}: member {info.filename!r} escapes the extraction folder")
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(info) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+
+
+def load_archive(mar: Path, expected_kind: str | None = None) -> LoadedArchive:
+    mar = Path(mar)
+    if not mar.is_file():
+        raise ArchiveError(f"model archive not found: {mar}")
+    directory = Path(tempfile.mkdtemp(prefix="medxai-mar-"))
+    try:
+        safe_extract(mar, directory)
+        if not (directory / "model.json").is_file():
+            raise ArchiveError(f"{mar} holds no model.json: not a MedXplain model archive")
+        engine = Engine.from_model_dir(directory)
+        if expected_kind and engine.kind != expected_kind:
+            raise ArchiveError(f"{mar} is a {engine.kind!r} model, but --model {expected_kind} was given")
+        return LoadedArchive(mar, sha256_file(mar), engine, directory)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise

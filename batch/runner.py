@@ -1,0 +1,353 @@
+"""One shard of a batch run: plan, skip what is complete, infer in batches, write objects, summarise.
+
+The pipeline keeps the forward pass busy: a fetch pool reads and decodes the next batches (the
+engine's own ``prepare``, run ahead of time) while the main thread runs
+``Engine.run_with_features`` on the current batch, and an upload pool encodes and writes finished
+items. An item's ``_complete.json`` is written after all its other objects, so a crash at any
+point leaves either a complete item or one that the next run redoes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from batch import manifest
+from batch.archive import LoadedArchive, load_archive
+from batch.items import COMPLETE, content_type, failure_record, item_objects, json_bytes, npz_bytes
+from batch.sources import MAX_INPUT_BYTES, Source, SourceItem, plan_items, shard_of
+from batch.store import Bucket, RetryPolicy, StorageConfigError, StorageUnavailable, join, sha256_bytes
+from handlers.engine import Engine, EngineRequest, Prepared
+from handlers.errors import InputError
+from handlers.options import RequestOptions, parse_options
+from medxplain_client.s3 import S3Config, parse_s3_url
+
+log = logging.getLogger(__name__)
+
+
+class UsageError(ValueError):
+    """Bad arguments or settings: the CLI prints the message and exits 2."""
+
+
+@dataclass
+class RunOptions:
+    model: str  # "ddsm" | "adni"
+    archive: Path
+    input: str  # local folder or s3://bucket/prefix
+    output: str  # s3://bucket/prefix
+    explain: tuple[str, ...] = ()
+    shard: int = 0
+    shards: int = 1
+    labels: Path | None = None
+    batch_size: int = 4
+    top_k: int = 8
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    io_threads: int = 4
+    s3_env: Path | None = None
+    s3: S3Config | None = None  # overrides s3_env / environment (API callers)
+    progress: bool = True
+    merge: bool = True  # the last shard to finish merges the run
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def arguments(self) -> dict:
+        return {"model": self.model, "archive": str(self.archive), "input": self.input, "output": self.output,
+                "explain": list(self.explain), "shard": f"{self.shard}/{self.shards}",
+                "labels": str(self.labels) if self.labels else None, "batch_size": self.batch_size,
+                "top_k": self.top_k, "threads": self.threads}
+
+
+@dataclass
+class ShardResult:
+    output: str
+    shard: int
+    shards: int
+    items: int = 0  # assigned to this shard
+    processed: int = 0  # completed by this invocation
+    skipped: int = 0  # already complete
+    failed: dict[str, str] = field(default_factory=dict)  # item id -> error code
+    seconds: float = 0.0
+    merged: bool = False
+    run_failures: int = 0  # failures of the whole run, known after a merge
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    @property
+    def items_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def summary_line(self) -> str:
+        return (f"shard {self.shard}/{self.shards}: {self.items} items, {self.processed} processed, "
+                f"{self.skipped} skipped (already complete), {len(self.failed)} failed, "
+                f"{self.seconds:.1f} s, {self.items_per_second:.2f} items/s -> {self.output}")
+
+
+def storage_config(options: RunOptions) -> S3Config:
+    return options.s3 or S3Config.from_env(env_file=options.s3_env)
+
+
+@dataclass
+class Fetched:
+    item: SourceItem
+    payload: bytes | None = None
+    mask: bytes | None = None
+    error: tuple[str, str] | None = None  # (code, message) when the input could not even be read
+
+
+class PrefetchedPrepare:
+    """Stands in for ``engine.prepare`` so decoding runs in the fetch pool, ahead of the forward pass.
+
+    ``run_with_features`` still calls ``prepare`` for every request (same code path as online); it
+    just gets the result computed earlier by the same function with the same options, or the same
+    exception. A payload that was not precomputed is prepared inline.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.original = engine.prepare
+        self.ready: dict[int, tuple[bytes, RequestOptions, Prepared | Exception]] = {}
+        self.lock = threading.Lock()
+        engine.prepare = self  # type: ignore[method-assign]
+
+    def precompute(self, payload: bytes, options: RequestOptions) -> None:
+        try:
+            value: Prepared | Exception = self.original(payload, options)
+        except Exception as err:  # noqa: BLE001 - handed to the engine, which classifies it
+            value = err
+        with self.lock:
+            self.ready[id(payload)] = (payload, options, value)
+
+    def __call__(self, payload: bytes, options: RequestOptions) -> Prepared:
+        with self.lock:
+            entry = self.ready.pop(id(payload), None)
+        if entry is None or entry[0] is not payload or entry[1] != options:
+            return self.original(payload, options)
+        if isinstance(entry[2], Exception):
+            raise entry[2]
+        return entry[2]
+
+
+class ShardRun:
+    """State of one invocation; :func:`run_batch` is the entry point."""
+
+    def __init__(self, options: RunOptions, out: Bucket, prefix: str, loaded: LoadedArchive, source: Source) -> None:
+        self.options, self.out, self.prefix, self.loaded, self.source = options, out, prefix, loaded, source
+        self.engine = loaded.engine
+        self.params = {"top_k": options.top_k, "explain": ",".join(options.explain)}
+        self.request_options = parse_options(self.params, self.engine.bundle.class_names, self.engine.methods,
+                                             self.engine.default_methods, self.engine.model.num_units)
+        prep = self.engine.bundle.preprocessing
+        self.model_affine = None if prep is None else prep.affine
+        self.lock = threading.Lock()
+        self.result = ShardResult(options.output, options.shard, options.shards)
+        self.previous_failures: set[str] = set()
+        self.bar: tqdm | None = None
+
+    def key(self, *parts: str) -> str:
+        return join(self.prefix, *parts)
+
+    # -- per item ---------------------------------------------------------------------------------
+
+    def fetch(self, item: SourceItem, prefetch: PrefetchedPrepare) -> Fetched:
+        if item.size is None:
+            return Fetched(item, error=("missing_input", "listed in the index but not found in the source"))
+        if item.size > MAX_INPUT_BYTES:
+            return Fetched(item, error=("input_too_large", f"file of {item.size} bytes exceeds {MAX_INPUT_BYTES}"))
+        try:
+            payload = self.source.read(item.key)
+            mask = self.source.read_optional(item.mask_key) if item.mask_key else None
+        except (StorageUnavailable, OSError) as err:
+            return Fetched(item, error=("input_unreadable", f"could not read the input: {err}"))
+        prefetch.precompute(payload, self.request_options)
+        return Fetched(item, payload, mask)
+
+    def store_item(self, fetched: Fetched, response: dict, features) -> None:
+        item = fetched.item
+        try:
+            objects = item_objects(self.engine.kind, item, response, features, self.model_affine, fetched.mask)
+            digests = {name: self.out.put(self.key("items", item.item_id, name), data, content_type(name))
+                       for name, data in objects.items()}
+            self.out.put(self.key("items", item.item_id, COMPLETE), json_bytes(digests), "application/json")
+            if item.item_id in self.previous_failures:
+                self.out.remove(self.key("failures", f"{item.item_id}.json"))
+        except (StorageUnavailable, StorageConfigError) as err:
+            self.fail(item, "storage_unavailable", str(err))
+            return
+        except Exception as err:
+            log.exception("writing item %s failed", item.item_id)
+            self.fail(item, "internal_error", f"writing the outputs failed: {type(err).__name__}")
+            return
+        self.done(processed=True)
+
+    def fail(self, item: SourceItem, code: str, message: str, status: int | None = None) -> None:
+        with self.lock:
+            self.result.failed[item.item_id] = code
+        key = self.key("failures", f"{item.item_id}.json")
+        try:
+            attempts = 1
+            if item.item_id in self.previous_failures:
+                old = self.out.get_or_none(key)
+                attempts = int(json.loads(old).get("attempts", 0)) + 1 if old else 1
+            self.out.put(key, failure_record(item, code, message, attempts, status), "application/json")
+        except Exception as err:  # noqa: BLE001 - storage down: the shard summary still counts it
+            log.warning("could not record the failure of %s: %s", item.item_id, err)
+        self.done(processed=False)
+
+    def done(self, processed: bool) -> None:
+        with self.lock:
+            if processed:
+                self.result.processed += 1
+            if self.bar is not None:
+                self.bar.update(1)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self, todo: list[SourceItem]) -> None:
+        opts = self.options
+        batches = [todo[i:i + opts.batch_size] for i in range(0, len(todo), opts.batch_size)]
+        prefetch = PrefetchedPrepare(self.engine)
+        self.bar = tqdm(total=len(todo), unit="item", desc=f"{self.engine.kind} shard {opts.shard}/{opts.shards}",
+                        disable=not opts.progress, file=sys.stderr)
+        try:
+            with ThreadPoolExecutor(max(2, opts.io_threads // 2), thread_name_prefix="fetch") as fetch_pool, \
+                    ThreadPoolExecutor(opts.io_threads, thread_name_prefix="upload") as upload_pool:
+                queued: deque[list[Future]] = deque()
+                upcoming = iter(batches)
+                lookahead = 2
+
+                def submit_next() -> None:
+                    batch = next(upcoming, None)
+                    if batch is not None:
+                        queued.append([fetch_pool.submit(self.fetch, item, prefetch) for item in batch])
+
+                for _ in range(lookahead):
+                    submit_next()
+                pending: deque[Future] = deque()
+                while queued:
+                    fetched = [f.result() for f in queued.popleft()]
+                    submit_next()
+                    ok = [f for f in fetched if f.error is None]
+                    for f in fetched:
+                        if f.error is not None:
+                            pending.append(upload_pool.submit(self.fail, f.item, *f.error))
+                    results = self.engine.run_with_features([EngineRequest(f.payload, self.params) for f in ok])
+                    for f, r in zip(ok, results):
+                        f.payload = None  # drop the bytes early
+                        if isinstance(r, InputError):
+                            pending.append(upload_pool.submit(self.fail, f.item, r.code, r.message, r.status))
+                        else:
+                            pending.append(upload_pool.submit(self.store_item, f, *r))
+                    while len(pending) > 2 * opts.batch_size + opts.io_threads:  # bound memory
+                        pending.popleft().result()
+                for f in pending:
+                    f.result()
+        finally:
+            self.engine.prepare = prefetch.original  # type: ignore[method-assign]
+            self.bar.close()
+
+
+def write_model_objects(out: Bucket, prefix: str, loaded: LoadedArchive) -> None:
+    """model/ objects shared by all shards; refuses a prefix that already holds another model's run."""
+    engine = loaded.engine
+    record_key = join(prefix, manifest.MODEL_RECORD)
+    record = {"name": engine.bundle.name, "version": engine.bundle.version, "kind": engine.kind,
+              "archive_sha256": loaded.sha256, "archive_digest": loaded.archive_digest,
+              "weights_sha256": engine.bundle.card.get("weights_sha256")}
+    existing = out.get_or_none(record_key)
+    if existing is not None:
+        old = json.loads(existing)
+        if old.get("archive_digest") != loaded.archive_digest:
+            raise UsageError(f"s3://{out.name}/{prefix} already holds a run of model {old.get('name')} "
+                             f"{old.get('version')} (archive digest {str(old.get('archive_digest'))[:12]}...); "
+                             "use a new --output prefix for another model version")
+    objects = {"model/model.json": (loaded.directory / "model.json").read_bytes(),
+               "model/model_card.json": (loaded.directory / "model_card.json").read_bytes()}
+    if (loaded.directory / "unit_labels.json").is_file():
+        objects["model/unit_labels.json"] = (loaded.directory / "unit_labels.json").read_bytes()
+    if engine.kind == "ddsm":
+        fc = engine.model.fc
+        objects["model/classifier.npz"] = npz_bytes({"weight": fc.weight.detach().numpy().astype(np.float32),
+                                                     "bias": fc.bias.detach().numpy().astype(np.float32)})
+    objects[manifest.MODEL_RECORD] = json_bytes(record)  # last: the prefix now belongs to this model
+    for name, data in objects.items():
+        key = join(prefix, name)
+        if out.sha256_of(key) != sha256_bytes(data):
+            out.put(key, data, content_type(name))
+
+
+def run_batch(options: RunOptions) -> ShardResult:
+    """Run one shard (``options.shard`` of ``options.shards``) and, if it is the last, merge the run.
+
+    Raises UsageError / S3ConfigError / StorageConfigError / ArchiveError / SourceError for problems
+    a person must fix (the CLI maps them to exit 2); per-item problems end up in ``failures/``.
+    """
+    started_wall, started = manifest.now(), time.perf_counter()
+    if not 0 <= options.shard < options.shards:
+        raise UsageError(f"shard index {options.shard} is outside 0..{options.shards - 1}")
+    if options.batch_size < 1 or options.top_k < 0:
+        raise UsageError("--batch-size must be >= 1 and --top-k >= 0")
+    config = storage_config(options)
+    bucket_name, prefix = parse_s3_url(options.output)
+    out = Bucket(config, bucket_name, options.retry)
+    out.ensure(create=True)
+    loaded = load_archive(options.archive, options.model)
+    try:
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        try:
+            shard_run = ShardRun(options, out, prefix, loaded, Source(options.input, lambda: config))
+        except InputError as err:
+            raise UsageError(f"bad option: {err.message}") from None
+        write_model_objects(out, prefix, loaded)
+        items, truth_origin = plan_items(shard_run.source, loaded.engine.kind, loaded.engine.bundle.class_names,
+                                         options.labels)
+        mine = [i for i in items if shard_of(i.item_id, options.shards) == options.shard]
+        complete = manifest.listed_ids(out, prefix, "items", "/" + COMPLETE)
+        shard_run.previous_failures = manifest.listed_ids(out, prefix, "failures", ".json")
+        todo = [i for i in mine if i.item_id not in complete]
+        result = shard_run.result
+        result.items, result.skipped = len(mine), len(mine) - len(todo)
+        shard_run.run(todo)
+        result.seconds = time.perf_counter() - started
+        summary_key = join(prefix, manifest.shard_key(options.shard, options.shards))
+        summary = {"shard": options.shard, "shards": options.shards, "items": result.items,
+                   "processed": result.processed, "skipped": result.skipped,
+                   "failed": [{"id": i, "error": c} for i, c in sorted(result.failed.items())],
+                   "started": started_wall, "ended": manifest.now(), "seconds": round(result.seconds, 3),
+                   "items_per_second": round(result.items_per_second, 3), "arguments": options.arguments(),
+                   "archive_sha256": loaded.sha256, "archive_digest": loaded.archive_digest,
+                   "code_version": manifest.code_version(), "truth": truth_origin, "source_items": len(items)}
+        try:
+            if not todo and out.sha256_of(summary_key) is not None:
+                pass  # nothing was done: keep the earlier summary (a re-run is a no-op)
+            else:
+                out.put(summary_key, json_bytes(summary), "application/json")
+            if options.merge:
+                keys = [manifest.relative(prefix, k) for k, _ in out.list(join(prefix, manifest.SHARDS_PREFIX))]
+                if options.shards in manifest.complete_shard_sets(keys):
+                    from batch.merge import merge_run
+                    run = merge_run(options.output, s3=config, archive=None, progress=options.progress,
+                                    retry=options.retry, shards=options.shards)
+                    result.merged = True
+                    result.run_failures = run["counts"]["failed"]
+        except StorageUnavailable as err:
+            log.error("could not finish the shard's bookkeeping: %s", err)
+            result.failed.setdefault("(shard summary)", "storage_unavailable")
+        return result
+    finally:
+        loaded.close()
+
+
+def result_dict(result: ShardResult) -> dict:
+    return {**asdict(result), "exit_code": result.exit_code, "items_per_second": result.items_per_second}

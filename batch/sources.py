@@ -1,0 +1,162 @@
+"""Where a run's inputs come from: a local folder or an ``s3://`` prefix, plus their ground truth.
+
+Item ids derive from the key relative to the input prefix (never from anything inside the file,
+such as DICOM patient tags): characters outside ``[A-Za-z0-9._-]`` become ``_``; ids that clash
+get 8 hex digits of the key's sha256 appended, so every shard computes the same ids.
+When the source root holds the synthetic sets' index (``images.csv`` / ``subjects.csv``) or
+``--labels`` is given, that index defines the items (its ``path`` column) and their truth, so
+mask and DICOM side folders are not mistaken for inputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from batch.store import Bucket, join
+from medxplain_client.s3 import parse_s3_url
+
+EXTENSIONS = {"ddsm": (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"), "adni": (".nii", ".nii.gz")}
+INDEX_FILES = {"ddsm": "images.csv", "adni": "subjects.csv"}
+MAX_INPUT_BYTES = 512 * 1024 * 1024  # the engine's own decompressed limit; larger files are refused unread
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class SourceError(ValueError):
+    """The source or its labels cannot be used (a usage error: exit 2)."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    item_id: str
+    key: str  # relative to the source root, '/'-separated
+    size: int | None
+    case_id: str | None = None
+    truth: int | None = None
+    mask_key: str | None = None
+
+
+def sanitise(key: str) -> str:
+    return _UNSAFE.sub("_", key)
+
+
+def assign_ids(keys: list[str]) -> dict[str, str]:
+    """key -> item id; deterministic for a given key set, whatever the order or shard."""
+    base = {k: sanitise(k) for k in keys}
+    counts = Counter(base.values())
+    ids = {}
+    for key, item_id in base.items():
+        if counts[item_id] > 1 or item_id in ("", ".", "..") or len(item_id) > 200:
+            item_id = f"{item_id[:180]}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+        ids[key] = item_id
+    return ids
+
+
+def shard_of(item_id: str, shards: int) -> int:
+    """Stable partition: the same item lands in the same shard on every machine and run."""
+    return int(hashlib.sha256(item_id.encode()).hexdigest()[:12], 16) % shards
+
+
+class Source:
+    """Lists and reads input files; ``root`` is a local folder or a bucket prefix."""
+
+    def __init__(self, spec: str, config_getter=None) -> None:
+        self.spec = spec
+        if spec.startswith("s3://"):
+            bucket, self.prefix = parse_s3_url(spec)
+            if config_getter is None:
+                raise SourceError("an s3:// source needs storage settings")
+            self.bucket: Bucket | None = Bucket(config_getter(), bucket)
+            self.bucket.ensure(create=False)
+            self.root = None
+        else:
+            self.bucket = None
+            self.root = Path(spec)
+            if not self.root.is_dir():
+                raise SourceError(f"input folder not found: {spec}")
+
+    def list(self) -> dict[str, int]:
+        """Relative key -> size of every file under the source."""
+        if self.bucket is not None:
+            base = self.prefix + "/" if self.prefix else ""
+            return {k[len(base):]: size for k, size in self.bucket.list(base)}
+        return {p.relative_to(self.root).as_posix(): p.stat().st_size
+                for p in sorted(self.root.rglob("*")) if p.is_file()}
+
+    def read(self, key: str) -> bytes:
+        if self.bucket is not None:
+            return self.bucket.get(join(self.prefix, key))
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root.resolve()):
+            raise SourceError(f"{key!r} points outside the input folder")
+        return path.read_bytes()
+
+    def read_optional(self, key: str) -> bytes | None:
+        try:
+            return self.read(key)
+        except (FileNotFoundError, SourceError):
+            return None
+        except Exception as err:
+            if getattr(err, "code", None) in ("NoSuchKey", "NoSuchObject"):
+                return None
+            raise
+
+
+def plan_items(source: Source, kind: str, class_names: list[str], labels_csv: Path | None) -> tuple[list[SourceItem], str]:
+    """All items of the source (every shard computes the same list) and where truth came from."""
+    listing = source.list()
+    index_name = INDEX_FILES[kind]
+    if labels_csv is not None:
+        if not labels_csv.is_file():
+            raise SourceError(f"labels file not found: {labels_csv}")
+        rows, origin = _read_index(labels_csv.read_bytes(), str(labels_csv)), f"labels {labels_csv.name}"
+    elif index_name in listing:
+        rows, origin = _read_index(source.read(index_name), index_name), f"source index {index_name}"
+    else:
+        keys = sorted(k for k in listing if k.lower().endswith(EXTENSIONS[kind]))
+        ids = assign_ids(keys)
+        return [SourceItem(ids[k], k, listing[k]) for k in keys], "none"
+    keys = [_relative(r["path"]) for r in rows]
+    ids = assign_ids(keys)
+    items = []
+    for key, row in sorted(zip(keys, rows)):
+        mask = row.get("mask_path") or None
+        items.append(SourceItem(ids[key], key, listing.get(key), row.get("case_id") or row.get("subject_id") or None,
+                                _truth(row, class_names), _relative(mask) if mask else None))
+    return items, origin
+
+
+def _relative(path: str) -> str:
+    posix = PurePosixPath(path.replace("\\", "/"))
+    if posix.is_absolute() or ".." in posix.parts:
+        raise SourceError(f"index paths must be relative to the source and stay inside it: {path!r}")
+    return posix.as_posix()
+
+
+def _read_index(data: bytes, name: str) -> list[dict]:
+    rows = list(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))
+    if not rows or "path" not in rows[0]:
+        raise SourceError(f"{name}: needs a header with a 'path' column (and label or label_name)")
+    return rows
+
+
+def _truth(row: dict, class_names: list[str]) -> int | None:
+    for column in ("label", "label_name"):
+        value = (row.get(column) or "").strip()
+        if not value:
+            continue
+        if value in class_names:
+            return class_names.index(value)
+        try:
+            index = int(value)
+        except ValueError:
+            raise SourceError(f"label {value!r} is neither a class index nor one of {class_names}") from None
+        if not 0 <= index < len(class_names):
+            raise SourceError(f"label {index} out of range for classes {class_names}")
+        return index
+    return None
