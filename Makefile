@@ -31,7 +31,7 @@ DEMO_PROFILE ?= demo
 lint: setup
 	$(VENV)/bin/ruff check .
 
-.PHONY: lint help setup check-java data train archives serve stop demo test bench clean
+.PHONY: lint help setup check-java check-chromium data train archives serve stop demo test bench clean
 
 help:
 	@echo "make demo      set up, generate synthetic data, train both models, build archives, serve, predict"
@@ -39,7 +39,7 @@ help:
 	@echo "make setup     virtualenv ($(VENV)), MinIO server binary, Java check"
 	@echo "make data | train | archives | serve | stop | bench | clean"
 
-setup: $(VENV)/.installed $(MINIO_BIN) check-java
+setup: $(VENV)/.installed $(MINIO_BIN) check-java check-chromium
 	@# gRPC stubs are generated from the .proto files inside the installed TorchServe jar (never committed)
 	$(PY) -m medxplain_client.stubs
 
@@ -60,6 +60,13 @@ check-java:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless; \
 	  else echo "TorchServe needs Java 17+: install openjdk-17-jre-headless"; exit 1; fi; }
+
+# The UI's browser test drives Debian's chromium with Playwright (Playwright's own download cannot work here).
+check-chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq chromium; \
+	  else echo "The UI browser test needs Debian's chromium: apt-get install chromium"; exit 1; fi; }
 
 # File targets make every step idempotent: data, models and archives are built once and reused.
 DDSM_DATA := $(DATA)/ddsm/dataset.json

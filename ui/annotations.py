@@ -1,0 +1,165 @@
+"""Unit annotations in object storage: one immutable object per save, so nothing is ever lost.
+
+Key layout (zero-padded unit, UTC timestamp first so listings sort by time)::
+
+    <prefix>/<model>/<version key>/unit-0042/<annotator id>/<YYYYmmddTHHMMSS.ffffffZ>-<uuid4>.json
+
+Each save writes a new key (timestamp + random uuid), so two annotators (or two tabs of one)
+saving at the same moment can never overwrite each other, and the full history stays readable.
+The *version key* is the model version plus the first 12 hex digits of its weights' sha256:
+units keep their meaning exactly as long as the weights do (the seed keyed annotations to the
+architecture name, which silently mixed checkpoints).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from ui import lexicon
+from ui.runs import _s3_call
+
+SCHEMA = 1
+MAX_TEXT = 2000
+CONFIDENCE = (1, 2, 3, 4, 5)
+_SAFE = re.compile(r"[^a-z0-9._-]+")
+
+
+def safe_id(text: str, limit: int = 64) -> str:
+    """Lower-case key segment from free text (names, versions); never empty."""
+    cleaned = _SAFE.sub("-", text.strip().lower()).strip("-.")[:limit]
+    return cleaned or "unknown"
+
+
+def version_key(version: str, weights_sha256: str | None) -> str:
+    return safe_id(f"{version}-{weights_sha256[:12]}" if weights_sha256 else str(version))
+
+
+@dataclass(frozen=True)
+class Annotator:
+    id: str  # key segment: demo-<name> or oidc-<hash of the subject>
+    name: str  # shown in the UI and stored with each annotation
+    mode: str  # "oidc" | "demo"
+
+
+@dataclass
+class Annotation:
+    model: str
+    version_key: str
+    unit: int
+    annotator_id: str
+    annotator_name: str
+    recognisable: bool
+    concepts: list[str] = field(default_factory=list)
+    free_text: str = ""
+    confidence: int = 3
+    created_at: str = ""
+    annotation_id: str = ""
+    context: dict = field(default_factory=dict)  # where it was made: run prefix, identity mode
+    schema: int = SCHEMA
+
+    def validated(self) -> Annotation:
+        if self.unit < 0:
+            raise ValueError("unit must be >= 0")
+        if self.confidence not in CONFIDENCE:
+            raise ValueError(f"confidence must be one of {CONFIDENCE}")
+        concepts = lexicon.validate(list(self.concepts)) if self.recognisable else []
+        return Annotation(**{**asdict(self), "concepts": concepts, "free_text": self.free_text.strip()[:MAX_TEXT]})
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Annotation:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def labels(self) -> list[str]:
+        return [lexicon.label(c) for c in self.concepts]
+
+
+class AnnotationStore:
+    def __init__(self, client, bucket: str, prefix: str) -> None:
+        self.client, self.bucket, self.prefix = client, bucket, prefix.strip("/")
+
+    def ensure_bucket(self) -> None:
+        if not _s3_call(f"bucket {self.bucket}", self.client.bucket_exists, self.bucket):
+            from minio.error import S3Error
+
+            try:
+                self.client.make_bucket(self.bucket)
+            except S3Error as err:  # another replica created it first
+                if err.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    def _unit_prefix(self, model: str, version: str, unit: int) -> str:
+        return f"{self.prefix}/{safe_id(model)}/{safe_id(version)}/unit-{int(unit):04d}/"
+
+    def save(self, annotation: Annotation, now: datetime | None = None) -> str:
+        """Write one new object and return its key; raises ValueError for invalid answers."""
+        ann = annotation.validated()
+        now = now or datetime.now(UTC)
+        ann.annotation_id = str(uuid.uuid4())
+        ann.created_at = now.isoformat(timespec="microseconds").replace("+00:00", "Z")
+        key = (f"{self._unit_prefix(ann.model, ann.version_key, ann.unit)}{safe_id(ann.annotator_id)}/"
+               f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{ann.annotation_id}.json")
+        body = json.dumps(asdict(ann), indent=1, sort_keys=True).encode()
+        _s3_call(f"saving {key}", self.client.put_object, self.bucket, key, io.BytesIO(body), len(body),
+                 content_type="application/json")
+        return key
+
+    def _read(self, key: str) -> Annotation:
+        def get() -> bytes:
+            response = self.client.get_object(self.bucket, key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return Annotation.from_dict(json.loads(_s3_call(key, get)))
+
+    def _keys(self, prefix: str) -> list[str]:
+        objects = _s3_call(f"listing {prefix}", lambda: list(
+            self.client.list_objects(self.bucket, prefix=prefix, recursive=True)))
+        return sorted(o.object_name for o in objects if o.object_name.endswith(".json"))
+
+    def history(self, model: str, version: str, unit: int, annotator_id: str) -> list[Annotation]:
+        """Every save of one annotator for one unit, oldest first."""
+        keys = self._keys(f"{self._unit_prefix(model, version, unit)}{safe_id(annotator_id)}/")
+        return self._read_many(keys)
+
+    def latest(self, model: str, version: str, unit: int, annotator_id: str) -> Annotation | None:
+        keys = self._keys(f"{self._unit_prefix(model, version, unit)}{safe_id(annotator_id)}/")
+        return self._read(keys[-1]) if keys else None
+
+    def progress(self, model: str, version: str) -> dict[int, set[str]]:
+        """unit -> annotator ids who answered (from the listing alone, no reads)."""
+        out: dict[int, set[str]] = {}
+        for key in self._keys(f"{self.prefix}/{safe_id(model)}/{safe_id(version)}/"):
+            parts = key.split("/")
+            out.setdefault(int(parts[-3].removeprefix("unit-")), set()).add(parts[-2])
+        return out
+
+    def latest_all(self, model: str, version: str) -> dict[int, dict[str, Annotation]]:
+        """unit -> annotator id -> that annotator's current (latest) answer."""
+        newest: dict[tuple[int, str], str] = {}
+        for key in self._keys(f"{self.prefix}/{safe_id(model)}/{safe_id(version)}/"):
+            parts = key.split("/")
+            newest[(int(parts[-3].removeprefix("unit-")), parts[-2])] = key  # keys are sorted: last wins
+        out: dict[int, dict[str, Annotation]] = {}
+        for (unit, annotator), ann in zip(newest, self._read_many(list(newest.values()))):
+            out.setdefault(unit, {})[annotator] = ann
+        return out
+
+    def count(self, model: str, version: str) -> int:
+        return len(self._keys(f"{self.prefix}/{safe_id(model)}/{safe_id(version)}/"))
+
+    def _read_many(self, keys: Iterable[str]) -> list[Annotation]:
+        keys = list(keys)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(self._read, keys))

@@ -1,0 +1,165 @@
+"""Cached access for the pages: one storage client per process, run objects cached without expiry.
+
+Finished runs are immutable (``run.json`` is written last), so anything read from a run is cached
+for the process lifetime; only the run list and annotations are re-read (short TTL / never cached),
+because other processes add to them.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from medxplain_client.s3 import S3Config
+from ui.annotations import AnnotationStore, version_key
+from ui.overlay import load_image, load_volume, to_uint8
+from ui.runs import Run, RunInfo, RunStore
+from ui.settings import UISettings
+
+
+@st.cache_resource(show_spinner=False)
+def settings() -> UISettings:
+    return UISettings.from_env()
+
+
+@st.cache_resource(show_spinner=False)
+def client():
+    return S3Config.from_env().client()
+
+
+def run(prefix: str) -> Run:
+    return Run(client(), settings().runs_bucket, prefix)
+
+
+def annotation_store() -> AnnotationStore:
+    s = settings()
+    return AnnotationStore(client(), s.annotations_bucket, s.annotations_prefix)
+
+
+@st.cache_data(ttl=15, show_spinner="Looking for runs ...")
+def list_runs() -> list[RunInfo]:
+    s = settings()
+    return RunStore(client(), s.runs_bucket, s.runs_prefix).list_runs()
+
+
+@st.cache_data(show_spinner=False)
+def class_names(prefix: str) -> list[str]:
+    names = run(prefix).model_json().get("class_names")
+    if names:
+        return list(names)
+    ids = run(prefix).item_ids()
+    return list(run(prefix).result(ids[0])["prediction"]["probabilities"]) if ids else []
+
+
+@st.cache_data(show_spinner=False)
+def model_version_key(prefix: str) -> tuple[str, str]:
+    """(model name, annotation version key) of a run: annotations follow the weights, not the run."""
+    r = run(prefix)
+    manifest_model = r.manifest.get("model") or {}
+    meta, card = r.model_json(), r.model_card()
+    name = str(meta.get("name") or manifest_model.get("name") or "model")
+    version = str(meta.get("version") or manifest_model.get("version") or card.get("version") or "0")
+    weights = card.get("weights_sha256") or manifest_model.get("weights_sha256")
+    if not weights:
+        ids = r.item_ids()
+        weights = r.result(ids[0]).get("model", {}).get("weights_sha256") if ids else None
+    return name, version_key(version, weights)
+
+
+def _class_name(value, names: list[str]) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and not value.lstrip("-").isdigit():
+        return value
+    index = int(value)
+    return names[index] if 0 <= index < len(names) else str(value)
+
+
+@st.cache_data(show_spinner="Reading the run's results ...")
+def cases(prefix: str) -> pd.DataFrame:
+    """One row per complete item: ids, truth, prediction, correctness and class probabilities."""
+    r = run(prefix)
+    names = class_names(prefix)
+    results = r.results(r.item_ids())
+    rows = []
+    for item_id, res in results.items():
+        item = res.get("item") or {}
+        truth = _class_name(item.get("truth"), names)
+        predicted = res["prediction"]["label"]
+        rows.append({"item": item_id, "case": item.get("case_id") or item_id,
+                     "model": f"{res['model']['name']} {res['model']['version']}",
+                     "truth": truth, "predicted": predicted,
+                     "correct": None if truth is None else truth == predicted,
+                     **{f"p({n})": float(p) for n, p in res["prediction"]["probabilities"].items()}})
+    return pd.DataFrame(rows, columns=["item", "case", "model", "truth", "predicted", "correct",
+                                       *[f"p({n})" for n in names]])
+
+
+@st.cache_data(show_spinner=False)
+def result(prefix: str, item_id: str) -> dict:
+    return run(prefix).result(item_id)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def input_image(prefix: str, item_id: str) -> np.ndarray:
+    """2D items: uint8 display pixels of input.png."""
+    return to_uint8(load_image(run(prefix).input_bytes(item_id, result(prefix, item_id))))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def input_volume(prefix: str, item_id: str) -> np.ndarray:
+    data, _ = load_volume(run(prefix).input_bytes(item_id, result(prefix, item_id)))
+    return data
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def heatmap(prefix: str, item_id: str, method: str) -> np.ndarray:
+    return run(prefix).heatmap(item_id, method, result(prefix, item_id))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def features(prefix: str, item_id: str) -> dict[str, np.ndarray]:
+    return run(prefix).features(item_id)
+
+
+@st.cache_data(show_spinner=False)
+def optional_json(prefix: str, relative: str):
+    return run(prefix).optional_json(relative)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def thumbnail(prefix: str, item_id: str, size: int = 192) -> bytes:
+    """A small PNG of an item's input (2D: the image; 3D: the middle axial slice)."""
+    from PIL import Image
+
+    res = result(prefix, item_id)
+    if (res.get("input") or {}).get("format") == "nifti":
+        volume = input_volume(prefix, item_id)
+        pixels = to_uint8(np.rot90(volume[:, :, volume.shape[2] // 2]))
+    else:
+        pixels = input_image(prefix, item_id)
+    img = Image.fromarray(pixels)
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@st.cache_resource(show_spinner="Loading the similarity index ...")
+def similarity_index(prefix: str):
+    """The batch job's query class over index/similarity.json (+ embeddings.npy for ad-hoc queries)."""
+    from batch.analyses.similarity import SimilarityIndex
+
+    r = run(prefix)
+    try:
+        sim = r.bytes("index/similarity.json")
+    except KeyError:
+        return None
+    try:
+        emb, ids = r.bytes("index/embeddings.npy"), r.bytes("index/ids.json")
+    except KeyError:
+        emb = ids = None
+    return SimilarityIndex.from_objects(sim, emb, ids)
