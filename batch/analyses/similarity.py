@@ -12,12 +12,14 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from batch.analyses.common import dumps
 from batch.analyses.embeddings import load_npy
 
 FORMAT = 1
-BLOCK_ROWS = 1024  # rows of the all-pairs product computed at once (1024 x 10^5 float32 = 400 MB)
+_BLAS = ThreadpoolController()
+BLOCK_ELEMENTS = 1 << 23  # scores per block of the all-pairs product: 32 MB float32 (+ 64 MB argpartition indices)
 
 
 @dataclass(frozen=True)
@@ -40,12 +42,15 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(cols, order, axis=1), np.take_along_axis(vals, order, axis=1)
 
 
-def all_neighbours(matrix: np.ndarray, case_codes: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]]]:
-    """Exact top-k of every row against all rows, excluding rows of the same case (and itself)."""
+def all_neighbours(matrix: np.ndarray, case_codes: np.ndarray, k: int,
+                   rows: int | None = None) -> tuple[list[list[int]], list[list[float]]]:
+    """Exact top-k of every row (or the first ``rows``) against all rows, same case (and itself) excluded."""
     cols_out: list[list[int]] = []
     vals_out: list[list[float]] = []
-    for start in range(0, matrix.shape[0], BLOCK_ROWS):
-        block = slice(start, start + BLOCK_ROWS)
+    step = max(16, BLOCK_ELEMENTS // max(1, matrix.shape[0]))
+    end = matrix.shape[0] if rows is None else min(rows, matrix.shape[0])
+    for start in range(0, end, step):
+        block = slice(start, min(start + step, end))
         scores = matrix[block] @ matrix.T
         scores[case_codes[block, None] == case_codes[None, :]] = -np.inf
         cols, vals = top_k(scores, k)
@@ -121,7 +126,10 @@ class SimilarityIndex:
             raise ValueError("queries need the embedding matrix: pass embeddings_npy to from_objects")
         vector = np.asarray(embedding, np.float32).ravel()
         norm = float(np.linalg.norm(vector))
-        scores = (self.matrix @ (vector / norm if norm > 0 else vector))[None]
+        # One BLAS thread: a matrix-vector product is memory-bound, and OpenBLAS's spinning second
+        # thread made it ~5x slower on a busy 2-core host (measured, batch/analyses/bench_similarity.py).
+        with _BLAS.limit(limits=1, user_api="blas"):
+            scores = (self.matrix @ (vector / norm if norm > 0 else vector))[None]
         if exclude_case is not None:
             code = self._case_code.get(exclude_case)
             if code is not None:
