@@ -689,3 +689,33 @@ def test_versions_and_secrets(rendered):
     assert used <= set(example), used - set(example)
     # No Secret objects in the manifests: they are created out of band (docs/deploy.md).
     assert not [o for _, objs in rendered.values() for o in objs if o["kind"] == "Secret"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the serve image's health check, against a real TorchServe with token authorization on
+
+
+def test_serve_healthcheck_with_token_auth(tmp_path):
+    """docker/serve/healthcheck.py (the image's HEALTHCHECK) sends the key, renews it before it expires."""
+    from devstack.services import TorchServeServer
+
+    (tmp_path / "store").mkdir()
+    ts = TorchServeServer(workdir=tmp_path / "ts", model_store=tmp_path / "store", models={},
+                          extra_config={"token_expiration_min": "5"})  # no models: starts in seconds
+    check = [sys.executable, str(DOCKER / "serve" / "healthcheck.py"), "--url", f"{ts.inference_url}/ping",
+             "--management-url", ts.management_url, "--key-file", str(ts.key_file)]
+    assert run([*check, "--renew-before", "0"]).returncode == 1  # not running yet
+    ts.start(timeout=180)
+    try:
+        before = json.loads(ts.key_file.read_text())["inference"]["key"]
+        proc = run([*check, "--renew-before", "0"])
+        assert proc.returncode == 0 and "/ping -> 200" in proc.stdout, proc.stdout + proc.stderr
+        assert json.loads(ts.key_file.read_text())["inference"]["key"] == before
+        proc = run([*check, "--renew-before", "600"])  # expires in < 10 min: renewed, file rewritten
+        assert proc.returncode == 0 and "renewal -> 200" in proc.stdout, proc.stdout + proc.stderr
+        assert json.loads(ts.key_file.read_text())["inference"]["key"] != before
+        wrong = tmp_path / "wrong.json"
+        wrong.write_text(json.dumps({"inference": {"key": "not-the-key"}}))
+        assert run([*check[:-2], "--key-file", wrong, "--renew-before", "0"]).returncode == 1
+    finally:
+        ts.stop()
