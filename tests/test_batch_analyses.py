@@ -168,6 +168,7 @@ def test_unit_rankings_known_contributions():
     malignant = ranks["classes"]["malignant"]["top8_frequency"]
     assert {u["unit"] for u in malignant} == set(range(8, 16))
     assert [u["unit"] for u in ranks["classes"]["malignant"]["mean_contribution"][:2]] == [8, 9]
+    assert set(range(16)) <= set(ranks["shortlist"])
 
 
 def _auc_by_ranks(positive: np.ndarray, score: np.ndarray) -> float:
@@ -339,6 +340,8 @@ def test_ddsm_run_from_real_engine(ddsm_bundle, ddsm_data):
     cam = report["explanations"]["methods"]["cam"]
     assert cam["items"] == sum(bool(it["mask"].any()) for it in items[:6] if it["truth"] > 0)
     assert 0.0 <= cam["pointing_game"] <= 1.0
+    image_auc = report["classification"]["auc_one_vs_rest_image_score"]  # full images only: class-map maxima
+    assert set(image_auc) == set(engine.bundle.class_names)
     rankings = json.loads(out["units/rankings.json"])
     assert sum(c["images"] for c in rankings["classes"].values()) == len(records)
 

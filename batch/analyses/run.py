@@ -86,8 +86,14 @@ def build_run_outputs(records: list[ItemRecord], model: ModelInfo, *, atlas_top_
         if labelled:
             probabilities = np.array([[float(r.result["prediction"]["probabilities"][n]) for n in names]
                                       for r, _ in labelled])
-            report = {"classification": classification_report([t for _, t in labelled],
-                                                               [r.predicted for r, _ in labelled], probabilities, names),
+            truth, predicted = [t for _, t in labelled], [r.predicted for r, _ in labelled]
+            classification = classification_report(truth, predicted, probabilities, names)
+            image_scores = [r.result.get("input", {}).get("class_scores") for r, _ in labelled]
+            if all(image_scores):  # full mammograms: DeepMiner's image score (class-map maximum) too
+                scores_matrix = np.array([[float(s[n]) for n in names] for s in image_scores])
+                classification["auc_one_vs_rest_image_score"] = classification_report(
+                    truth, predicted, scores_matrix, names)["auc_one_vs_rest"]
+            report = {"classification": classification,
                       "explanations": scores.report(), "items": len(records), "items_with_truth": len(labelled)}
             out["report.json"] = dumps(report)
             summary["report"] = {"items_with_truth": len(labelled), "auc_macro": report["classification"]["auc_macro"]}

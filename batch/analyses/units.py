@@ -17,6 +17,7 @@ from batch.records import ItemRecord, ModelInfo
 from model_store.models.ddsm import PATCH_SIZE
 
 TOP_CONTRIBUTORS = 8  # DeepMiner counted each image's top-8 units per class
+SHORTLIST = 20  # ... and showed experts the 20 most frequent units per class
 
 
 def patch_box(peak: np.ndarray, cell_size: np.ndarray, map_shape: np.ndarray, size: int = PATCH_SIZE) -> list[int]:
@@ -85,7 +86,10 @@ def unit_rankings(records: list[ItemRecord], pooled: np.ndarray, model: ModelInf
             "mean_contribution": [{"unit": int(u), "mean_contribution": round(float(mean[u]), 6),
                                    "top8_count": int(counts[u])} for u in by_mean]}
     return {"contribution": "pooled activation x classifier weight of the class",
-            "top": top, "class_source": class_source({
+            "top": top, "shortlist_size": SHORTLIST,
+            # DeepMiner gave experts the 20 most frequent top-8 units of each class
+            "shortlist": sorted({e["unit"] for c in classes.values() for e in c["top8_frequency"][:SHORTLIST]}),
+            "class_source": class_source({
                 "truth": sum(s == "truth" for _, s in groups), "predicted": sum(s == "predicted" for _, s in groups)}),
             "classes": classes}
 
