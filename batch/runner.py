@@ -27,7 +27,7 @@ from batch import manifest
 from batch.archive import LoadedArchive, load_archive
 from batch.items import COMPLETE, content_type, failure_record, item_objects, json_bytes, npz_bytes
 from batch.sources import MAX_INPUT_BYTES, Source, SourceItem, plan_items, shard_of
-from batch.store import Bucket, RetryPolicy, StorageConfigError, StorageUnavailable, join, sha256_bytes
+from batch.store import Bucket, RetryPolicy, StorageConfigError, StorageUnavailable, describe, join, sha256_bytes
 from handlers.engine import Engine, EngineRequest, Prepared
 from handlers.errors import InputError
 from handlers.options import RequestOptions, parse_options
@@ -76,7 +76,8 @@ class ShardResult:
     processed: int = 0  # completed by this invocation
     skipped: int = 0  # already complete
     failed: dict[str, str] = field(default_factory=dict)  # item id -> error code
-    seconds: float = 0.0
+    seconds: float = 0.0  # whole invocation, model loading included
+    loop_seconds: float = 0.0  # the item pipeline only (throughput)
     merged: bool = False
     run_failures: int = 0  # failures of the whole run, known after a merge
 
@@ -86,7 +87,7 @@ class ShardResult:
 
     @property
     def items_per_second(self) -> float:
-        return self.processed / self.seconds if self.seconds > 0 else 0.0
+        return self.processed / self.loop_seconds if self.loop_seconds > 0 else 0.0
 
     def summary_line(self) -> str:
         return (f"shard {self.shard}/{self.shards}: {self.items} items, {self.processed} processed, "
@@ -167,8 +168,10 @@ class ShardRun:
         try:
             payload = self.source.read(item.key)
             mask = self.source.read_optional(item.mask_key) if item.mask_key else None
-        except (StorageUnavailable, OSError) as err:
-            return Fetched(item, error=("input_unreadable", f"could not read the input: {err}"))
+        except StorageConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - missing object, I/O error, long outage: this item only
+            return Fetched(item, error=("input_unreadable", f"could not read the input: {describe(err)}"))
         prefetch.precompute(payload, self.request_options)
         return Fetched(item, payload, mask)
 
@@ -241,7 +244,11 @@ class ShardRun:
                     for f in fetched:
                         if f.error is not None:
                             pending.append(upload_pool.submit(self.fail, f.item, *f.error))
-                    results = self.engine.run_with_features([EngineRequest(f.payload, self.params) for f in ok])
+                    try:
+                        results = self.engine.run_with_features([EngineRequest(f.payload, self.params) for f in ok])
+                    except Exception as err:  # e.g. out of memory: fail this batch, keep the run going
+                        log.exception("a batch failed in the engine")
+                        results = [InputError("internal_error", f"inference failed: {type(err).__name__}")] * len(ok)
                     for f, r in zip(ok, results):
                         f.payload = None  # drop the bytes early
                         if isinstance(r, InputError):
@@ -253,7 +260,7 @@ class ShardRun:
                 for f in pending:
                     f.result()
         finally:
-            self.engine.prepare = prefetch.original  # type: ignore[method-assign]
+            del self.engine.prepare  # back to the class's method
             self.bar.close()
 
 
@@ -318,7 +325,9 @@ def run_batch(options: RunOptions) -> ShardResult:
         todo = [i for i in mine if i.item_id not in complete]
         result = shard_run.result
         result.items, result.skipped = len(mine), len(mine) - len(todo)
+        loop_started = time.perf_counter()
         shard_run.run(todo)
+        result.loop_seconds = time.perf_counter() - loop_started
         result.seconds = time.perf_counter() - started
         summary_key = join(prefix, manifest.shard_key(options.shard, options.shards))
         summary = {"shard": options.shard, "shards": options.shards, "items": result.items,

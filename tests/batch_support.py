@@ -1,0 +1,100 @@
+"""Helpers shared by the batch-job tests: small input sets, storage settings, CLI runs, object checks."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+INDEX = {"ddsm": "images.csv", "adni": "subjects.csv"}
+
+
+def subset(data_dir: Path, kind: str, n: int, dest: Path) -> list[dict]:
+    """Copy the first ``n`` index rows (files and masks) and a matching index into ``dest``."""
+    with open(data_dir / INDEX[kind], newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)[:n]
+    dest.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        for column in ("path", "mask_path"):
+            (dest / row[column]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(data_dir / row[column], dest / row[column])
+    write_index(dest / INDEX[kind], fields, rows)
+    return rows
+
+
+def write_index(path: Path, fields, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def item_id(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
+
+
+def env_file(server, path: Path, access_key: str | None = None, secret_key: str | None = None) -> Path:
+    path.write_text(f"MEDXAI_S3_ENDPOINT=http://{server.endpoint}\n"
+                    f"MEDXAI_S3_ACCESS_KEY={access_key or server.access_key}\n"
+                    f"MEDXAI_S3_SECRET_KEY={secret_key or server.secret_key}\n")
+    return path
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "batch", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO_ROOT, env=cli_env(), check=False)
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "2"}
+
+
+def objects(client, bucket: str, prefix: str) -> dict[str, object]:
+    """key (relative to the run prefix) -> listing entry."""
+    return {o.object_name[len(prefix) + 1:]: o for o in client.list_objects(bucket, prefix=prefix + "/", recursive=True)}
+
+
+def read(client, bucket: str, key: str) -> bytes:
+    response = client.get_object(bucket, key)
+    try:
+        return response.read()
+    finally:
+        response.close()
+        response.release_conn()
+
+
+def check_complete_items(client, bucket: str, prefix: str, expected_ids: set[str]) -> dict[str, dict[str, bytes]]:
+    """Every expected item (and no other) is complete: its marker lists exactly its objects, with their sha256."""
+    listing = objects(client, bucket, prefix)
+    by_item: dict[str, set[str]] = {}
+    for key in listing:
+        if key.startswith("items/"):
+            item, _, rest = key[len("items/"):].partition("/")
+            by_item.setdefault(item, set()).add(rest)
+    assert set(by_item) == expected_ids, (sorted(by_item), sorted(expected_ids))
+    contents = {}
+    for item, names in by_item.items():
+        assert "_complete.json" in names, f"{item} has no completion marker"
+        marker = json.loads(read(client, bucket, f"{prefix}/items/{item}/_complete.json"))
+        assert set(marker) == names - {"_complete.json"}, (item, sorted(marker), sorted(names))
+        contents[item] = {}
+        for name, digest in marker.items():
+            data = read(client, bucket, f"{prefix}/items/{item}/{name}")
+            assert hashlib.sha256(data).hexdigest() == digest, f"{item}/{name}: content does not match its marker"
+            stat = client.stat_object(bucket, f"{prefix}/items/{item}/{name}")
+            assert stat.metadata.get("x-amz-meta-sha256") == digest
+            contents[item][name] = data
+    return contents
+
+
+def without_timing(result_json: bytes) -> dict:
+    result = json.loads(result_json)
+    result.pop("timing_ms", None)
+    return result
