@@ -112,6 +112,7 @@ test: setup lint deploy-tools
 
 bench: $(ARCHIVES)
 	$(PY) -m devstack.bench --build $(BUILD)
+	$(PY) -m batch.bench --archive $(MAR_DIR)/ddsm.mar --data $(DATA)/ddsm
 
 clean:
 	-$(PY) -m devstack stop --state $(BUILD)/stack
