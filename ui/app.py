@@ -6,7 +6,9 @@ Kept thin on purpose: every page is its own script (``st.navigation`` needs a fo
 
 from __future__ import annotations
 
+import importlib
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,14 +19,25 @@ import streamlit as st
 
 from ui import identity
 
-st.set_page_config(page_title="MedXplain", page_icon="🩻", layout="wide")
+
+@st.cache_resource(show_spinner=False)
+def _warm_imports() -> threading.Thread:
+    """The similarity index class lives in the batch package, whose import pulls in torch (seconds):
+    start that import in the background once per process so the Similar page opens quickly."""
+    thread = threading.Thread(target=importlib.import_module, args=("batch.analyses.similarity",), daemon=True)
+    thread.start()
+    return thread
+
+
+_warm_imports()
+st.set_page_config(page_title="MedXplain", page_icon=":material/radiology:", layout="wide")
 st.session_state["annotator"] = identity.require_identity()
 HERE = Path(__file__).parent
 pages = [
-    st.Page(HERE / "views" / "cases.py", title="Cases", icon="🗂️", default=True),
-    st.Page(HERE / "views" / "units.py", title="Units", icon="🧩"),
-    st.Page(HERE / "views" / "similar.py", title="Similar", icon="🔎"),
-    st.Page(HERE / "views" / "analyse.py", title="Analyse", icon="🩺"),
+    st.Page(HERE / "views" / "cases.py", title="Cases", icon=":material/folder_open:", default=True),
+    st.Page(HERE / "views" / "units.py", title="Units", icon=":material/grid_view:"),
+    st.Page(HERE / "views" / "similar.py", title="Similar", icon=":material/image_search:"),
+    st.Page(HERE / "views" / "analyse.py", title="Analyse", icon=":material/upload_file:"),
 ]
 st.sidebar.caption("Not a medical device. Demo models are trained on synthetic data.")
 st.navigation(pages).run()

@@ -109,6 +109,12 @@ def input_image(prefix: str, item_id: str) -> np.ndarray:
     return to_uint8(load_image(run(prefix).input_bytes(item_id, result(prefix, item_id))))
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def mask_image(prefix: str, item_id: str, name: str) -> np.ndarray:
+    """The item's ground-truth lesion mask (synthetic sets), as stored by the batch job."""
+    return load_image(run(prefix).bytes(f"items/{item_id}/{name.rsplit('/', 1)[-1]}"))
+
+
 @st.cache_data(show_spinner=False, max_entries=8)
 def input_volume(prefix: str, item_id: str) -> np.ndarray:
     data, _ = load_volume(run(prefix).input_bytes(item_id, result(prefix, item_id)))

@@ -138,7 +138,7 @@ def normalise(values: np.ndarray, lo: float | None = None, hi: float | None = No
 
 
 def blend(image: np.ndarray, heat: np.ndarray | None, alpha: float = 0.5, cmap: str = "inferno",
-          threshold: float = 0.0, heat_range: tuple[float, float] | None = None) -> np.ndarray:
+          threshold: float = 0.15, heat_range: tuple[float, float] | None = None) -> np.ndarray:
     """Greyscale image (any range) + heatmap (any size) -> RGB uint8.
 
     The heatmap is resized to the image, scaled to 0..1 over ``heat_range`` (default its own
@@ -181,3 +181,22 @@ def paste_window(map_shape, peak, window: np.ndarray) -> np.ndarray:
     if re > rs and ce > cs:
         canvas[rs:re, cs:ce] = w[rs - r0:re - r0, cs - c0:ce - c0]
     return canvas
+
+
+def outline(rgb: np.ndarray, mask: np.ndarray, colour=(0, 255, 0)) -> np.ndarray:
+    """Draw the border of a binary mask (resized to the image, nearest) on a copy of an RGB image."""
+    m = np.asarray(mask) > 0
+    if m.shape != rgb.shape[:2]:
+        m = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((rgb.shape[1], rgb.shape[0]),
+                                                                           Image.NEAREST)) > 0
+    inner = m.copy()
+    inner[1:, :] &= m[:-1, :]
+    inner[:-1, :] &= m[1:, :]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    edge = m & ~inner
+    edge[1:, :] |= edge[:-1, :]  # two pixels wide, visible after downscaling
+    edge[:, 1:] |= edge[:, :-1]
+    out = rgb.copy()
+    out[edge] = colour
+    return out

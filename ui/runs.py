@@ -42,7 +42,7 @@ class RunInfo:
     @property
     def label(self) -> str:
         model = self.manifest.get("model") or {}
-        when = self.manifest.get("finished_at") or self.manifest.get("end") or self.manifest.get("ended_at") or ""
+        when = self.manifest.get("ended") or self.manifest.get("started") or ""
         return f"{self.prefix or '/'} · {self.model_name} {model.get('version', '')} · {str(when)[:19]}".strip()
 
 
@@ -80,7 +80,7 @@ class RunStore:
                     continue  # a run's own folders (items/, units/, ...) are not runs
                 below.extend(self._children(prefix))
             level = below
-        return sorted(found, key=lambda r: str(r.manifest.get("started_at") or r.manifest.get("start") or r.prefix),
+        return sorted(found, key=lambda r: str(r.manifest.get("ended") or r.prefix),
                       reverse=True)
 
     def open(self, prefix: str) -> Run:

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from ui import data
-from ui.overlay import COLORMAPS, blend, paste_window
+from ui.overlay import COLORMAPS, blend, outline, paste_window
 from ui.triplanar import viewer
 from ui.widgets import guarded, run_picker
 
@@ -57,8 +57,12 @@ def show_2d(prefix: str, item_id: str, res: dict) -> None:
     image = data.input_image(prefix, item_id)
     method, opacity, cmap = overlay_controls(sorted(res.get("heatmaps") or {}), "case")
     heat = data.heatmap(prefix, item_id, method) if method else None
+    shown = blend(image, heat, opacity, cmap)
+    mask_name = (res.get("item") or {}).get("mask")
+    if mask_name and st.toggle("Ground-truth lesion outline", key="case_mask"):
+        shown = outline(shown, data.mask_image(prefix, item_id, mask_name))
     left, right = st.columns([3, 2])
-    left.image(blend(image, heat, opacity, cmap), caption=f"{item_id} · {method or 'no heatmap'}", width="stretch")
+    left.image(shown, caption=f"{item_id} · {method or 'no heatmap'}", width="stretch")
     with right:
         st.subheader("Class probabilities")
         probabilities_chart(res)

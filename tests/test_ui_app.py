@@ -1,0 +1,364 @@
+"""The Streamlit UI against the real MinIO with runs written by the batch job (AppTest, in-process).
+
+Every page renders from real objects; filters change what is listed; an annotation saved through
+the form is read back from storage and prefilled; concurrent saves from many threads all survive;
+the consensus export goes into an archive whose engine then returns the experts' labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from medxplain_client.s3 import S3Config
+from ui import agreement, lexicon
+from ui.annotations import Annotation, AnnotationStore, safe_id
+
+REPO = Path(__file__).resolve().parents[1]
+APP = str(REPO / "ui" / "app.py")
+BUCKET = "ui-test"
+TIMEOUT = 120
+
+
+def subset(source: Path, target: Path, index: str, cases: int) -> Path:
+    """A copy of a synthetic set restricted to its first ``cases`` cases/subjects (index CSV included)."""
+    with open(source / index, newline="") as f:
+        rows = list(csv.DictReader(f))
+    case_of = (lambda r: r["case_id"]) if "case_id" in rows[0] else (lambda r: r["subject_id"])
+    chosen = list(dict.fromkeys(case_of(r) for r in rows))[:cases]
+    keep = [r for r in rows if case_of(r) in chosen]
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    with open(target / index, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(keep)
+    for row in keep:
+        for column in ("path", "mask_path"):
+            if row.get(column):
+                (target / row[column]).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / row[column], target / row[column])
+    return target
+
+
+def s3_env(minio_server) -> dict[str, str]:
+    return {"MEDXAI_S3_ENDPOINT": f"http://{minio_server.endpoint}", "MEDXAI_S3_ACCESS_KEY": minio_server.access_key,
+            "MEDXAI_S3_SECRET_KEY": minio_server.secret_key, "MEDXAI_UI_RUNS": f"s3://{BUCKET}/runs",
+            "MEDXAI_UI_ANNOTATIONS": f"s3://{BUCKET}/annotations"}
+
+
+def write_ui_runs(minio_server, model_store: Path, ddsm_data: Path, adni_data: Path, work: Path) -> dict[str, str]:
+    """One ddsm and one adni run written by the batch job (a re-run is a no-op), and the UI's env."""
+    from batch.runner import RunOptions, run_batch
+
+    env = s3_env(minio_server)
+    config = S3Config.from_env(env)
+    jobs = (("ddsm", subset(ddsm_data, work / "ddsm-in", "images.csv", 3), ("cam",)),
+            ("adni", subset(adni_data, work / "adni-in", "subjects.csv", 3), ("gradcam",)))
+    for model, source, explain in jobs:
+        result = run_batch(RunOptions(model=model, archive=model_store / f"{model}.mar", input=str(source),
+                                      output=f"s3://{BUCKET}/runs/{model}", explain=explain, s3=config,
+                                      progress=False, batch_size=4))
+        assert result.exit_code == 0, result.summary_line()
+    return env
+
+
+@pytest.fixture(scope="session")
+def ui_env(minio_server, model_store, ddsm_data, adni_data, tmp_path_factory) -> dict[str, str]:
+    env = write_ui_runs(minio_server, model_store, ddsm_data, adni_data, tmp_path_factory.mktemp("ui-inputs"))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(autouse=True)
+def clear_streamlit_caches():
+    """st.cache_* is process-wide: every AppTest starts from storage, not from the previous test."""
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    yield
+    st.cache_data.clear()
+    st.cache_resource.clear()
+
+
+@pytest.fixture
+def annotations(ui_env, minio_server) -> AnnotationStore:
+    return AnnotationStore(minio_server.client(), BUCKET, "annotations")
+
+
+def app(name: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    if name:
+        at.text_input(key="annotator_name").input(name).run()
+    return at
+
+
+def open_page(at: AppTest, page: str, run_key: str | None = None, run: str | None = None) -> AppTest:
+    at.switch_page(f"views/{page}.py").run()
+    if run_key and run:
+        at.selectbox(key=f"{run_key}_prefix").select(f"runs/{run}").run()
+    return at
+
+
+def no_errors(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def captions(at: AppTest) -> str:
+    return "\n".join(c.value for c in at.caption)
+
+
+def test_cases_page_lists_runs_and_filters(ui_env):
+    at = app()
+    no_errors(at)
+    assert at.warning and "Demo mode" in at.warning[0].value  # no [auth]: visible demo mode
+    picker = at.selectbox(key="cases_run_prefix")
+    assert set(picker.options) == {"runs/ddsm", "runs/adni"}
+    picker.select("runs/ddsm").run()
+    no_errors(at)
+    table = at.dataframe[0].value
+    assert len(table) == 12 and set(table["truth"]) <= {"normal", "benign", "malignant"}
+    assert f"{len(table)} of {len(table)} items" in captions(at)
+    label = table["truth"].iloc[0]
+    at.multiselect(key="filter_truth").select(label).run()
+    filtered = at.dataframe[0].value
+    assert 0 < len(filtered) <= len(table) and set(filtered["truth"]) == {label}
+    at.multiselect(key="filter_truth").unselect(label).run()
+    at.radio(key="filter_correct").set_value("incorrect").run()
+    wrong = at.dataframe[0].value
+    assert (wrong["truth"] != wrong["predicted"]).all()
+    assert len(wrong) == int((table["truth"] != table["predicted"]).sum())
+    at.radio(key="filter_correct").set_value("all").run()
+    # one case: overlay controls, probabilities, top units
+    at.selectbox(key="case_method").select("cam").run()
+    at.slider(key="case_opacity").set_value(0.8).run()
+    at.selectbox(key="case_cmap").select("jet").run()
+    at.toggle(key="case_mask").set_value(True).run()  # ground-truth outline from the run's mask object
+    no_errors(at)
+    assert any("Top units" in h.value for h in at.subheader)
+    units = at.dataframe[1].value
+    assert len(units) == 8 and {"unit", "contribution", "concept labels"} <= set(units.columns)
+
+
+def test_cases_page_mri_triplanar(ui_env):
+    at = open_page(app(), "cases", "cases_run", "adni")
+    no_errors(at)
+    item = at.selectbox(key="case_item").value
+    sliders = {s.key for s in at.slider}
+    assert {f"tri_{item}_axial", f"tri_{item}_coronal", f"tri_{item}_sagittal"} <= sliders
+    at.slider(key=f"tri_{item}_axial").set_value(10).run()
+    no_errors(at)
+    assert any("Region relevance" in h.value for h in at.subheader)
+    assert not any("No region table" in c.value for c in at.caption)
+
+
+def test_units_annotation_saved_read_back_and_prefilled(ui_env, annotations):
+    at = open_page(app("Reader One"), "units", "units_run", "ddsm")
+    no_errors(at)
+    unit = at.selectbox(key="unit_pick").value
+    assert at.dataframe[0].value["unit"].tolist()[0] == unit  # ranked list comes from units/rankings.json
+    assert any(c.value.startswith("#1 ") for c in at.caption)  # top-activating patches
+    at.selectbox(key=f"unit_full_{unit}").select(1).run()  # full image with the patch box on demand
+    no_errors(at)
+    me = "demo-reader-one"
+    model, version = "ddsm", next(c.value for c in at.caption if "Annotations are kept" in c.value).split(" / ")[1]
+    version = version.split("**")[0]
+    k = f"ann_{model}_{version}_{unit}_{me}"
+    at.radio(key=f"{k}_recognisable").set_value("yes")
+    at.checkbox(key=f"{k}_mass.margin.spiculated").check()
+    at.checkbox(key=f"{k}_calc.suspicious.fine_pleomorphic").check()
+    at.text_area(key=f"{k}_text").input("spiculated mass border")
+    at.select_slider(key=f"{k}_confidence").set_value(4)
+    at.button[[b.label for b in at.button].index("Save annotation")].click().run()
+    no_errors(at)
+    assert at.success and "Saved" in at.success[0].value
+
+    saved = annotations.latest(model, version, unit, me)
+    assert saved is not None and saved.recognisable and saved.confidence == 4
+    assert saved.concepts == ["mass.margin.spiculated", "calc.suspicious.fine_pleomorphic"]
+    assert saved.free_text == "spiculated mass border" and saved.annotator_name == "Reader One"
+
+    # a new session of the same annotator sees the answer prefilled; a second save keeps the first
+    at2 = open_page(app("Reader One"), "units", "units_run", "ddsm")
+    assert at2.checkbox(key=f"{k}_mass.margin.spiculated").value is True
+    assert at2.checkbox(key=f"{k}_mass.shape.oval").value is False
+    assert at2.text_area(key=f"{k}_text").value == "spiculated mass border"
+    at2.checkbox(key=f"{k}_calc.suspicious.fine_pleomorphic").uncheck()
+    at2.button[[b.label for b in at2.button].index("Save annotation")].click().run()
+    history = annotations.history(model, version, unit, me)
+    assert len(history) == 2 and history[0].concepts != history[1].concepts
+    assert history[-1].concepts == ["mass.margin.spiculated"]
+
+
+def test_concurrent_saves_all_survive(annotations):
+    threads, per_thread, unit = 8, 5, 4242
+    barrier = threading.Barrier(threads)
+    keys: list[str] = []
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            barrier.wait()
+            for i in range(per_thread):
+                keys.append(annotations.save(Annotation(
+                    model="concurrency", version_key="v1", unit=unit, annotator_id=f"reader-{n % 3}",
+                    annotator_name=f"Reader {n % 3}", recognisable=bool(i % 2), concepts=["lymph_node.intramammary"],
+                    free_text=f"thread {n} save {i}")))
+        except BaseException as err:  # noqa: BLE001 -- reported by the assertion below
+            errors.append(err)
+
+    pool = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not errors
+    assert len(set(keys)) == threads * per_thread
+    assert annotations.count("concurrency", "v1") == threads * per_thread
+    texts = {a.free_text for r in range(3) for a in annotations.history("concurrency", "v1", unit, f"reader-{r}")}
+    assert texts == {f"thread {n} save {i}" for n in range(threads) for i in range(per_thread)}
+    assert set(annotations.latest_all("concurrency", "v1")[unit]) == {"reader-0", "reader-1", "reader-2"}
+
+
+def test_agreement_view_and_consensus_export(ui_env, annotations, ddsm_bundle, tmp_path):
+    at = open_page(app("Reader One"), "units", "units_run", "ddsm")
+    model, version = "ddsm", next(c.value for c in at.caption if "Annotations are kept" in c.value)
+    version = version.split(" / ")[1].split("**")[0]
+    for who, recognisable, concepts in (("a", True, ["mass.shape.irregular"]), ("b", True, ["mass.shape.irregular"]),
+                                        ("c", False, [])):
+        annotations.save(Annotation(model=model, version_key=version, unit=7, annotator_id=f"demo-{who}",
+                                    annotator_name=who, recognisable=recognisable, concepts=concepts))
+    at = open_page(app("Reader One"), "units", "units_run", "ddsm")
+    no_errors(at)
+    fleiss = next(m for m in at.metric if m.label == "Fleiss' kappa")
+    assert fleiss.value != "n/a"
+    export = agreement.consensus(annotations.latest_all(model, version), model, version)
+    assert export["units"]["7"]["labels"] == [lexicon.label("mass.shape.irregular")]
+
+    # the export goes into the next archive, and the engine serves the labels with the unit
+    from handlers.engine import Engine
+    from model_store.__main__ import main as model_store_main
+
+    labels_file = tmp_path / "unit_labels.json"
+    labels_file.write_text(json.dumps({"units": {str(u): {"labels": ["test concept"]} for u in range(4096)}}))
+    model_store_main(["archive", "--bundle", str(ddsm_bundle[0]), "--out", str(tmp_path / "store"),
+                      "--unit-labels", str(labels_file)])
+    unpacked = tmp_path / "unpacked"
+    with zipfile.ZipFile(tmp_path / "store" / "ddsm.mar") as zf:
+        zf.extractall(unpacked)
+    engine = Engine.from_model_dir(unpacked)
+    from handlers.engine import EngineRequest
+
+    patch = Image.fromarray((np.random.default_rng(0).random((227, 227)) * 255).astype(np.uint8))
+    buf = io.BytesIO()
+    patch.save(buf, format="PNG")
+    response = engine.run([EngineRequest(payload=buf.getvalue(), params={"top_k": 3})])[0]
+    assert all(u["labels"] == ["test concept"] for u in response["units"])
+
+
+def test_similar_page_case_query(ui_env):
+    at = open_page(app(), "similar", "similar_run", "ddsm")
+    no_errors(at)
+    item = at.selectbox(key="similar_item").value
+    case = item.split("_")[0]
+    results = sorted((c.value for c in at.caption if c.value.startswith("#")), key=lambda v: int(v[1:].split()[0]))
+    assert 0 < len(results) <= 20
+    assert all("score" in r and "true:" in r and "predicted:" in r for r in results)
+    assert not any(f"\n{case}_" in r or r.split("\n")[1].startswith(case) for r in results)  # same case excluded
+    scores = [float(r.split("score ")[1].split()[0]) for r in results]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_similar_upload_and_analyse_through_torchserve(ui_env, torchserve, ddsm_data):
+    os.environ["MEDXAI_TORCHSERVE_URL"] = torchserve.inference_url
+    os.environ["MEDXAI_TORCHSERVE_KEY_FILE"] = str(torchserve.key_file)
+    try:
+        image = next((ddsm_data / "images").glob("*.png")).read_bytes()
+        at = open_page(app(), "similar", "similar_run", "ddsm")
+        at.radio(key="similar_source").set_value("an uploaded image").run()
+        at.file_uploader(key="similar_upload").upload("query.png", image, "image/png").run()
+        no_errors(at)
+        results = [c.value for c in at.caption if c.value.startswith("#")]
+        assert len(results) == 12  # every item of the run: an upload belongs to no case
+
+        at = open_page(app(), "analyse")
+        at.file_uploader(key="analyse_upload").upload("x.png", image, "image/png").run()
+        at.button(key="analyse_go").click().run()
+        no_errors(at)
+        assert at.success and "Prediction:" in at.success[0].value
+        assert len(at.dataframe[0].value) == 8
+
+        at.file_uploader(key="analyse_upload").upload("broken.png", b"\x89PNG\r\n\x1a\nnot really", "image/png").run()
+        at.button(key="analyse_go").click().run()
+        assert not at.exception
+        assert at.error and "Cannot read this file" in at.error[0].value
+    finally:
+        os.environ.pop("MEDXAI_TORCHSERVE_URL")
+        os.environ.pop("MEDXAI_TORCHSERVE_KEY_FILE")
+
+
+def test_no_run_and_bad_settings_give_messages(ui_env, monkeypatch):
+    monkeypatch.setenv("MEDXAI_UI_RUNS", "s3://no-such-bucket-ui/runs")
+    at = app()
+    no_errors(at)
+    assert at.info and "No finished runs" in at.info[0].value
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    monkeypatch.setenv("MEDXAI_S3_ENDPOINT", "ftp://nowhere")
+    at = app()
+    assert not at.exception
+    assert at.error and "Storage is not configured" in at.error[0].value
+
+
+def test_kappa_matches_reference_values():
+    from sklearn.metrics import cohen_kappa_score
+
+    a = ["y", "n", "y", "y", "n", "y", "n", "n"]
+    b = ["y", "n", "n", "y", "n", "y", "y", "n"]
+    assert agreement.cohen_kappa(a, b) == pytest.approx(cohen_kappa_score(a, b))
+    # Fleiss (1971) style check: 4 subjects, 3 raters, hand-computed kappa = 1/3
+    assert agreement.fleiss_kappa([["a", "a", "b"], ["a", "a", "a"], ["b", "b", "a"], ["b", "b", "b"]]) == \
+        pytest.approx(1 / 3)
+    assert safe_id("Dr. Ünïcode / Name") == "dr.-n-code-name"
+
+
+def test_oidc_login_required_when_auth_configured(ui_env):
+    auth = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x" * 32,
+            "client_id": "medxplain", "client_secret": "s",
+            "server_metadata_url": "https://idp.example/.well-known/openid-configuration"}
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.secrets["auth"] = auth
+    at.user = {"is_logged_in": False}
+    at.run()
+    assert not at.exception
+    assert any("log in" in i.value for i in at.info) and not at.text_input  # no demo name box, no page
+    assert not at.title
+
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.secrets["auth"] = auth
+    at.user = {"is_logged_in": True, "name": "Dr Reader", "email": "reader@hospital.example", "sub": "abc",
+               "iss": "https://idp.example"}
+    at.run()
+    no_errors(at)
+    assert not at.warning  # no demo-mode banner
+    assert any("Signed in as **Dr Reader**" in c.value for c in at.caption)
+    assert at.session_state["annotator"].id.startswith("oidc-") and at.session_state["annotator"].mode == "oidc"
