@@ -25,6 +25,7 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -43,6 +44,7 @@ CHECKOV_SETS = {"dev": ["dev", "batch"], "prod": ["prod", "batch"], "kserve": ["
 # Custom resources kubernetes-validate has no schema for (checked structurally in test_kserve_variant).
 CRD_KINDS = {("serving.kserve.io/v1beta1", "InferenceService"), ("serving.kserve.io/v1alpha1", "ServingRuntime")}
 
+# Checks allowed to fail, each with its reason (the test reports them as skipped, per resource).
 CHECKOV_SKIPS = {
     # Image should use digest: the images are this project's own, built and pushed by the release
     # pipeline, which pins them by digest in the overlay (`kustomize edit set image
@@ -179,17 +181,19 @@ def test_kserve_variant(rendered):
 # checkov
 
 
-def checkov(tools, directory: Path, skips: set[str]) -> dict:
-    cmd = [tools["checkov"], "--framework", "kubernetes", "--skip-download", "--quiet", "--output", "json",
-           "-d", directory]
-    if skips:
-        cmd += ["--skip-check", ",".join(sorted(skips))]
-    proc = run(cmd, timeout=600)
+def checkov(tools, directory: Path) -> dict:
+    """checkov's report; failures of the justified CHECKOV_SKIPS are moved to report["skipped"]."""
+    proc = run([tools["checkov"], "--framework", "kubernetes", "--skip-download", "--quiet", "--output", "json",
+                "-d", directory], timeout=600)
     assert proc.stdout.strip(), f"checkov printed nothing (rc {proc.returncode}):\n{proc.stderr[-2000:]}"
     report = json.loads(proc.stdout)
     report = report[0] if isinstance(report, list) else report
-    if "results" not in report:  # checkov's shape for "nothing failed" in --quiet mode
+    if "results" not in report:  # checkov's shape when nothing failed in --quiet mode
         report = {"results": {"failed_checks": []}, "summary": report}
+    failed = report["results"]["failed_checks"]
+    report["failed"] = [f"{c['check_id']} {c['resource']}: {c['check_name']}" for c in failed
+                        if c["check_id"] not in CHECKOV_SKIPS]
+    report["skipped"] = [f"{c['check_id']} {c['resource']}" for c in failed if c["check_id"] in CHECKOV_SKIPS]
     report["returncode"] = proc.returncode
     return report
 
@@ -202,19 +206,18 @@ def checkov_reports(tools, rendered, tmp_path_factory) -> dict[str, dict]:
         directory = tmp_path_factory.mktemp(f"checkov-{env}")
         for part in parts:
             (directory / f"{part}.yaml").write_text(rendered[part][0].read_text())
-        reports[env] = checkov(tools, directory, CHECKOV_SKIPS)
+        reports[env] = checkov(tools, directory)
     return reports
 
 
 @pytest.mark.parametrize("env", sorted(CHECKOV_SETS))
 def test_checkov(checkov_reports, env):
     report = checkov_reports[env]
-    failed = [f"{c['check_id']} {c['resource']}: {c['check_name']}" for c in report["results"]["failed_checks"]]
-    assert not failed and report["returncode"] == 0, "\n".join(failed)
-    summary = report["summary"]
-    assert summary["passed"] > 0
-    print(f"checkov {env}: passed {summary['passed']}, failed {summary['failed']}, "
-          f"skipped {summary['skipped']} ({', '.join(sorted(CHECKOV_SKIPS))})")
+    assert not report["failed"], "\n".join(report["failed"])
+    assert report["returncode"] == 0 or report["skipped"]  # non-zero only because of the justified skips
+    assert report["summary"]["passed"] > 0
+    print(f"checkov {env}: passed {report['summary']['passed']}, failed 0, skipped {len(report['skipped'])}:",
+          "; ".join(report["skipped"]))
 
 
 def test_checkov_rejects_an_insecure_pod(tools, tmp_path):
@@ -222,8 +225,8 @@ def test_checkov_rejects_an_insecure_pod(tools, tmp_path):
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bad", "namespace": "medxai"},
         "spec": {"containers": [{"name": "c", "image": "medxai/serve:0.1.0",
                                  "securityContext": {"privileged": True, "runAsUser": 0}}]}}))
-    report = checkov(tools, tmp_path, CHECKOV_SKIPS)
-    failed = {c["check_id"] for c in report["results"]["failed_checks"]}
+    report = checkov(tools, tmp_path)
+    failed = {f.split()[0] for f in report["failed"]}
     assert report["returncode"] != 0 and {"CKV_K8S_16", "CKV_K8S_11", "CKV_K8S_8"} <= failed, failed
 
 
@@ -427,6 +430,10 @@ def test_commands_exist_in_the_project(rendered):
     cmds = commands_run()
     for name in ("dev", "prod", "batch", "kserve"):
         cmds += manifest_commands(rendered[name][1], name)
+    modules = {(sys.executable, "-m", a[2], *[x for x in a[3:4] if not x.startswith("-")])
+               for _, _, a in cmds if a[:2] == ["python", "-m"]}
+    with ThreadPoolExecutor(4) as pool:  # each `python -m batch ... --help` imports torch: side by side
+        list(pool.map(lambda argv: help_text(*argv), sorted(modules)))
     problems = [p for c in cmds for p in command_problems(*c)]
     assert not problems, "\n".join(problems)
     run_cmds = [argv for _, _, argv in cmds if argv[:3] == ["python", "-m", "batch"]]
