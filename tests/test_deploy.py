@@ -406,6 +406,11 @@ def command_problems(where: str, image: str, argv: list[str]) -> list[str]:
             return []
         sub = [a for a in args[1:2] if not a.startswith("-")]
         text = help_text(sys.executable, str(script), *sub)
+    elif prog == "python" and args and args[0].endswith(".py"):  # a repository script (docs)
+        if not (ROOT / args[0]).is_file():
+            return [f"{where}: {args[0]} is not in the project"]
+        sub = [a for a in args[1:2] if not a.startswith("-")]
+        text = help_text(sys.executable, str(ROOT / args[0]), *sub)
     elif prog == "python" and args[:1] == ["-c"]:
         return []
     elif prog == "torchserve":
@@ -438,6 +443,27 @@ def test_commands_exist_in_the_project(rendered):
     assert not problems, "\n".join(problems)
     run_cmds = [argv for _, _, argv in cmds if argv[:3] == ["python", "-m", "batch"]]
     assert run_cmds, "no batch job runs `python -m batch`"
+
+
+def documented_commands(path: Path) -> list[list[str]]:
+    """`python ...` command lines of a Markdown file's code blocks (continuations joined)."""
+    blocks = re.findall(r"```bash\n(.*?)```", path.read_text(), re.DOTALL)
+    text = re.sub(r"\\\n\s*", " ", "\n".join(blocks))
+    result = []
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if "python " in line and not line.startswith(("docker", "kubectl")):
+            argv = shlex.split(line[line.index("python "):])
+            if argv[1] != "-c":
+                result.append(argv)
+    return result
+
+
+def test_documented_commands_exist():
+    cmds = documented_commands(ROOT / "docs" / "deploy.md")
+    assert len(cmds) >= 5, cmds
+    problems = [p for argv in cmds for p in command_problems("docs/deploy.md", "serve", argv)]
+    assert not problems, "\n".join(problems)
 
 
 def test_command_checker_catches_a_missing_command():
