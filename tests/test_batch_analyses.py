@@ -259,6 +259,11 @@ def test_mri_mean_maps_equal_numpy_mean_and_region_ranks():
     assert "units" in json.loads(out[SUMMARY_KEY])["skipped"]
 
 
+def test_non_finite_values_become_null():
+    from batch.analyses.common import dumps
+    assert json.loads(dumps({"a": [1.0, float("nan")], "b": float("inf")})) == {"a": [1.0, None], "b": None}
+
+
 def test_empty_run():
     out = build_run_outputs([], ModelInfo("ddsm", "ddsm", "1.0", DDSM_CLASSES))
     assert set(out) == {SUMMARY_KEY}

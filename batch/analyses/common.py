@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from batch.records import ItemRecord, ModelInfo
 
@@ -29,5 +30,20 @@ def class_source(counts: dict[str, int]) -> str:
     return used[0] if len(used) == 1 else ("mixed" if used else "none")
 
 
-def dumps(obj) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+def dumps(obj, indent: int | None = None) -> bytes:
+    """Strict JSON (browsers reject NaN); a non-finite number becomes null rather than failing the merge."""
+    try:
+        return json.dumps(obj, indent=indent, separators=None if indent else (",", ":"), allow_nan=False).encode()
+    except ValueError:
+        return json.dumps(_finite(obj), indent=indent, separators=None if indent else (",", ":"),
+                          allow_nan=False).encode()
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj

@@ -6,7 +6,6 @@ scores, so a heatmap stored in object storage is loaded once per run.
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 
@@ -101,7 +100,7 @@ def build_run_outputs(records: list[ItemRecord], model: ModelInfo, *, atlas_top_
             summary["skipped"]["report"] = "no item has ground truth"
 
     summary["objects"] = len(out)
-    out[SUMMARY_KEY] = json.dumps(summary, indent=1).encode()
+    out[SUMMARY_KEY] = dumps(summary, indent=1)
     return out
 
 
