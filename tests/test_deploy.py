@@ -19,6 +19,7 @@ Each tool and checker is also shown a broken input it must reject.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -752,3 +753,18 @@ def test_serve_healthcheck_with_token_auth(tmp_path):
         assert run([*check[:-2], "--key-file", wrong, "--renew-before", "0"]).returncode == 1
     finally:
         ts.stop()
+
+
+def test_compose_stack():
+    services = compose()["services"]
+    order = ["minio", "storage-init", "archive-upload", "model-fetch", "serve", "ui"]
+    for before, after in itertools.pairwise(order):
+        assert before in services[after]["depends_on"], (before, after)
+    assert services["ui"]["depends_on"]["serve"]["condition"] == "service_healthy"
+    assert services["batch"]["profiles"] == ["batch"]  # one-shot, started on demand
+    for name, spec in services.items():
+        assert spec.get("read_only") is True and spec.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in spec.get("security_opt", []), name
+        assert "user" not in spec and image_of(spec["image"]) in images(), name  # the image's non-root user
+        assert all(p.startswith("127.0.0.1:") for p in spec.get("ports", [])), f"{name} published beyond loopback"
+        assert not [k for k in spec.get("environment", {}) if re.search(r"(SECRET|PASSWORD)(?!.*_FILE)", k)], name
