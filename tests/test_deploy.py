@@ -768,3 +768,54 @@ def test_compose_stack():
         assert "user" not in spec and image_of(spec["image"]) in images(), name  # the image's non-root user
         assert all(p.startswith("127.0.0.1:") for p in spec.get("ports", [])), f"{name} published beyond loopback"
         assert not [k for k in spec.get("environment", {}) if re.search(r"(SECRET|PASSWORD)(?!.*_FILE)", k)], name
+
+
+# --------------------------------------------------------------------------------------------------
+# docker/archives.py (init containers, compose one-shots) against a real MinIO
+
+
+def test_archives_upload_and_fetch(minio_server, tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "access-key").write_text(minio_server.access_key + "\n")
+    (keys / "secret-key").write_text(minio_server.secret_key)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MEDXAI_S3_ENDPOINT": f"http://{minio_server.endpoint}",
+           "MEDXAI_S3_ACCESS_KEY_FILE": str(keys / "access-key"),  # as the pods get them: files
+           "MEDXAI_S3_SECRET_KEY_FILE": str(keys / "secret-key")}
+    tool = [sys.executable, DOCKER / "archives.py"]
+    source = tmp_path / "store"
+    source.mkdir()
+    (source / "ddsm.mar").write_bytes(b"ddsm archive " * 1000)
+    (source / "ddsm.mar.json").write_text('{"digest": "x"}')
+    (source / "adni.mar").write_bytes(b"adni archive " * 1000)
+    release = "s3://deploy-test-models/releases/1.0"
+
+    def tool_run(*args):
+        return run([*tool, *args], env=env)
+
+    assert tool_run("buckets", "deploy-test-results").returncode == 0
+    proc = tool_run("upload", "--source", source, "--dest", release, "--config", DOCKER / "serve" / "config.properties")
+    assert proc.returncode == 0, proc.stderr
+    client = minio_server.client()
+    assert client.bucket_exists("deploy-test-results")
+    names = {o.object_name for o in client.list_objects("deploy-test-models", prefix="releases/1.0/", recursive=True)}
+    assert names == {"releases/1.0/config/config.properties", "releases/1.0/model-store/ddsm.mar",
+                     "releases/1.0/model-store/ddsm.mar.json", "releases/1.0/model-store/adni.mar"}  # KServe layout
+    proc = tool_run("fetch", "--source", release, "--dest", tmp_path / "a", "--models", "ddsm")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["ddsm.mar", "ddsm.mar.json"]
+    assert (tmp_path / "a" / "ddsm.mar").read_bytes() == (source / "ddsm.mar").read_bytes()
+    # a model the release lacks, and an archive whose bytes no longer match its recorded sha256
+    assert tool_run("fetch", "--source", release, "--dest", tmp_path / "b", "--models", "mri").returncode != 0
+    stat = client.stat_object("deploy-test-models", "releases/1.0/model-store/adni.mar")
+    tampered = tmp_path / "tampered.mar"
+    tampered.write_bytes(b"not the archive")
+    client.fput_object("deploy-test-models", "releases/1.0/model-store/adni.mar", str(tampered),
+                       metadata={"sha256": stat.metadata["x-amz-meta-sha256"]})
+    proc = tool_run("fetch", "--source", release, "--dest", tmp_path / "c")
+    assert proc.returncode != 0 and "sha256 mismatch" in proc.stderr, proc.stderr
+    assert not (tmp_path / "c" / "adni.mar").exists()
+    # no settings: a message for people, not a traceback
+    proc = run([*tool, "fetch", "--source", release, "--dest", tmp_path / "d"],
+               env={k: v for k, v in env.items() if not k.startswith("MEDXAI_S3_")})
+    assert proc.returncode != 0 and "MEDXAI_S3_ENDPOINT" in proc.stderr and "Traceback" not in proc.stderr
