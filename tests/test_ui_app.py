@@ -25,6 +25,7 @@ from streamlit.testing.v1 import AppTest
 from medxplain_client.s3 import S3Config
 from ui import agreement, lexicon
 from ui.annotations import Annotation, AnnotationStore, safe_id
+from ui.runs import Run
 
 REPO = Path(__file__).resolve().parents[1]
 APP = str(REPO / "ui" / "app.py")
@@ -132,7 +133,7 @@ def test_cases_page_lists_runs_and_filters(ui_env):
     no_errors(at)
     assert at.warning and "Demo mode" in at.warning[0].value  # no [auth]: visible demo mode
     picker = at.selectbox(key="cases_run_prefix")
-    assert set(picker.options) == {"runs/ddsm", "runs/adni"}
+    assert sorted(o.split(" · ")[0] for o in picker.options) == ["runs/adni", "runs/ddsm"]
     picker.select("runs/ddsm").run()
     no_errors(at)
     table = at.dataframe[0].value
@@ -176,7 +177,8 @@ def test_units_annotation_saved_read_back_and_prefilled(ui_env, annotations):
     no_errors(at)
     unit = at.selectbox(key="unit_pick").value
     assert at.dataframe[0].value["unit"].tolist()[0] == unit  # ranked list comes from units/rankings.json
-    assert any(c.value.startswith("#1 ") for c in at.caption)  # top-activating patches
+    assert not any("No atlas entry" in i.value for i in at.info)  # top-activating patches from units/<unit>.json
+    assert at.slider(key="unit_patches").value > 1
     at.selectbox(key=f"unit_full_{unit}").select(1).run()  # full image with the patch box on demand
     no_errors(at)
     me = "demo-reader-one"
@@ -240,19 +242,27 @@ def test_concurrent_saves_all_survive(annotations):
 
 
 def test_agreement_view_and_consensus_export(ui_env, annotations, ddsm_bundle, tmp_path):
+    cases = open_page(app(), "cases", "cases_run", "ddsm")
+    unit = int(cases.dataframe[1].value["unit"].iloc[0])  # the first case's top unit
     at = open_page(app("Reader One"), "units", "units_run", "ddsm")
     model, version = "ddsm", next(c.value for c in at.caption if "Annotations are kept" in c.value)
     version = version.split(" / ")[1].split("**")[0]
     for who, recognisable, concepts in (("a", True, ["mass.shape.irregular"]), ("b", True, ["mass.shape.irregular"]),
                                         ("c", False, [])):
-        annotations.save(Annotation(model=model, version_key=version, unit=7, annotator_id=f"demo-{who}",
+        annotations.save(Annotation(model=model, version_key=version, unit=unit, annotator_id=f"demo-{who}",
                                     annotator_name=who, recognisable=recognisable, concepts=concepts))
     at = open_page(app("Reader One"), "units", "units_run", "ddsm")
     no_errors(at)
     fleiss = next(m for m in at.metric if m.label == "Fleiss' kappa")
     assert fleiss.value != "n/a"
     export = agreement.consensus(annotations.latest_all(model, version), model, version)
-    assert export["units"]["7"]["labels"] == [lexicon.label("mass.shape.irregular")]
+    assert export["units"][str(unit)]["labels"] == [lexicon.label("mass.shape.irregular")]
+    assert at.get("download_button")  # the export is offered as unit_labels.json
+
+    st.cache_data.clear()  # the Cases page shows the experts' current consensus next to the archive's labels
+    cases = open_page(app(), "cases", "cases_run", "ddsm")
+    row = cases.dataframe[1].value.iloc[0]
+    assert row["current consensus"] == lexicon.label("mass.shape.irregular") and row["concept labels"] == "—"
 
     # the export goes into the next archive, and the engine serves the labels with the unit
     from handlers.engine import Engine
@@ -275,20 +285,23 @@ def test_agreement_view_and_consensus_export(ui_env, annotations, ddsm_bundle, t
     assert all(u["labels"] == ["test concept"] for u in response["units"])
 
 
-def test_similar_page_case_query(ui_env):
+def test_similar_page_case_query(ui_env, minio_server):
     at = open_page(app(), "similar", "similar_run", "ddsm")
     no_errors(at)
     item = at.selectbox(key="similar_item").value
-    case = item.split("_")[0]
+    run = Run(minio_server.client(), BUCKET, "runs/ddsm")
+    case_of = {i: run.result(i)["item"]["case_id"] for i in run.item_ids()}
     results = sorted((c.value for c in at.caption if c.value.startswith("#")), key=lambda v: int(v[1:].split()[0]))
     assert 0 < len(results) <= 20
     assert all("score" in r and "true:" in r and "predicted:" in r for r in results)
-    assert not any(f"\n{case}_" in r or r.split("\n")[1].startswith(case) for r in results)  # same case excluded
+    shown = [r.split("\n")[1].strip() for r in results]
+    assert all(case_of[i] != case_of[item] for i in shown)  # same case excluded
+    assert len(shown) == sum(case_of[i] != case_of[item] for i in case_of)  # fewer than 20 items: all others
     scores = [float(r.split("score ")[1].split()[0]) for r in results]
     assert scores == sorted(scores, reverse=True)
 
 
-def test_similar_upload_and_analyse_through_torchserve(ui_env, torchserve, ddsm_data):
+def test_similar_upload_and_analyse_through_torchserve(ui_env, torchserve, ddsm_data, adni_data):
     os.environ["MEDXAI_TORCHSERVE_URL"] = torchserve.inference_url
     os.environ["MEDXAI_TORCHSERVE_KEY_FILE"] = str(torchserve.key_file)
     try:
@@ -306,6 +319,30 @@ def test_similar_upload_and_analyse_through_torchserve(ui_env, torchserve, ddsm_
         no_errors(at)
         assert at.success and "Prediction:" in at.success[0].value
         assert len(at.dataframe[0].value) == 8
+
+        # DICOM: analysed, and none of its (made-up) patient tags appears anywhere on the page
+        import pydicom
+
+        row = next(r for r in csv.DictReader(io.StringIO((ddsm_data / "images.csv").read_text())) if r.get("dicom_path"))
+        dicom = (ddsm_data / row["dicom_path"]).read_bytes()
+        tags = pydicom.dcmread(io.BytesIO(dicom))
+        secrets = [str(v) for v in (tags.get("PatientName"), tags.get("PatientID")) if v]
+        at.file_uploader(key="analyse_upload").upload("patient.dcm", dicom, "application/dicom").run()
+        at.button(key="analyse_go").click().run()
+        no_errors(at)
+        assert at.success and "Prediction:" in at.success[0].value
+        page_text = " ".join(str(e.value) for kind in ("markdown", "caption", "success", "warning", "info")
+                             for e in getattr(at, kind)) + " ".join(d.value.to_string() for d in at.dataframe)
+        assert secrets and not any(s in page_text for s in secrets)
+
+        # NIfTI: the model is chosen from the file, tri-planar viewer and region chart
+        volume = next((adni_data / "images").glob("*.nii.gz")).read_bytes()
+        at.file_uploader(key="analyse_upload").upload("scan.nii.gz", volume, "application/gzip").run()
+        assert at.selectbox(key="analyse_model_adni").value == "adni"
+        at.button(key="analyse_go").click().run()
+        no_errors(at)
+        assert {"analyse_tri_axial", "analyse_tri_coronal", "analyse_tri_sagittal"} <= {s.key for s in at.slider}
+        assert any("Region relevance" in h.value for h in at.subheader)
 
         at.file_uploader(key="analyse_upload").upload("broken.png", b"\x89PNG\r\n\x1a\nnot really", "image/png").run()
         at.button(key="analyse_go").click().run()

@@ -51,7 +51,7 @@ def test_annotate_reload_and_find_it(ui_server, minio_server, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 2200})
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})
             open_units(page, ui_server.url, "Browser Reader")
             heading = page.get_by_role("heading", name="Annotate unit").first
             unit = int(heading.inner_text().split()[-1])
@@ -67,8 +67,9 @@ def test_annotate_reload_and_find_it(ui_server, minio_server, tmp_path):
             assert not page.get_by_role("checkbox", name="obscured").is_checked()
             assert page.get_by_label("Description (free text; no patient identifiers)").input_value() == \
                 "seen in the browser"
+            page.get_by_text("Save annotation").scroll_into_view_if_needed()  # the prefilled form in the shot
             shot = tmp_path / "units-annotated.png"
-            page.screenshot(path=str(shot), full_page=True)
+            page.screenshot(path=str(shot))
             print(f"screenshot: {shot}")
             assert shot.stat().st_size > 10_000
         finally:

@@ -169,3 +169,13 @@ def similarity_index(prefix: str):
     except KeyError:
         emb = ids = None
     return SimilarityIndex.from_objects(sim, emb, ids)
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def consensus_labels(prefix: str) -> dict[int, list[str]]:
+    """Current experts' consensus per unit for the run's model version (before it ships in an archive)."""
+    from ui.agreement import consensus
+
+    model, version = model_version_key(prefix)
+    labels = consensus(annotation_store().latest_all(model, version), model, version)
+    return {int(u): v["labels"] for u, v in labels["units"].items()}

@@ -42,14 +42,16 @@ def probabilities_chart(res: dict) -> None:
                  height=60 + 30 * len(probs))
 
 
-def units_table(res: dict) -> None:
+def units_table(res: dict, live: dict[int, list[str]]) -> None:
+    """Ranked units with the archive's labels and the experts' current consensus (not yet shipped)."""
     units = res.get("units") or []
     if not units:
         st.caption("No ranked units in this result.")
         return
     st.dataframe(pd.DataFrame([{"rank": u["rank"], "unit": u["unit"], "activation": u["activation"],
                                 "weight": u["weight"], "contribution": u["contribution"],
-                                "concept labels": ", ".join(u.get("labels") or []) or "—"} for u in units]),
+                                "concept labels": ", ".join(u.get("labels") or []) or "—",
+                                "current consensus": ", ".join(live.get(int(u["unit"]), [])) or "—"} for u in units]),
                  hide_index=True, width="stretch")
 
 
@@ -67,7 +69,7 @@ def show_2d(prefix: str, item_id: str, res: dict) -> None:
         st.subheader("Class probabilities")
         probabilities_chart(res)
         st.subheader("Top units")
-        units_table(res)
+        units_table(res, data.consensus_labels(prefix))
     unit_maps(prefix, item_id, res, image, opacity, cmap)
 
 
@@ -104,7 +106,7 @@ def show_3d(prefix: str, item_id: str, res: dict) -> None:
         st.subheader("Class probabilities")
         probabilities_chart(res)
         st.subheader("Top units")
-        units_table(res)
+        units_table(res, data.consensus_labels(prefix))
     with right:
         regions = ((res.get("regions") or {}).get(method) or []) if method else []
         st.subheader("Region relevance")
