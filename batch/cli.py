@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="N shards; the index comes from JOB_COMPLETION_INDEX (Kubernetes Indexed Job)")
     run.add_argument("--labels", type=Path, metavar="CSV",
                      help="ground truth: path (relative to SOURCE), label or label_name, optional case_id, mask_path")
+    run.add_argument("--split", help="only index rows whose 'split' column has this value (e.g. test)")
     run.add_argument("--batch-size", type=_positive, default=4)
     run.add_argument("--top-k", type=_non_negative, default=8, help="ranked units per item")
     run.add_argument("--threads", type=_positive, help="torch threads for the forward pass")
@@ -104,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
     index, count = _shard_from(args)
     options = RunOptions(model=args.model, archive=args.archive, input=args.input, output=args.output,
                          explain=tuple(m.strip() for m in args.explain.split(",") if m.strip()), shard=index,
-                         shards=count, labels=args.labels, batch_size=args.batch_size, top_k=args.top_k,
+                         shards=count, labels=args.labels, split=args.split, batch_size=args.batch_size, top_k=args.top_k,
                          threads=args.threads, io_threads=args.io_threads, s3_env=args.s3_env,
                          progress=not args.no_progress, merge=not args.no_merge)
     result = run_batch(options)

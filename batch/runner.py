@@ -50,6 +50,7 @@ class RunOptions:
     shard: int = 0
     shards: int = 1
     labels: Path | None = None
+    split: str | None = None  # only index rows of this split (e.g. "test")
     batch_size: int = 4
     top_k: int = 8
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
@@ -63,7 +64,7 @@ class RunOptions:
     def arguments(self) -> dict:
         return {"model": self.model, "archive": str(self.archive), "input": self.input, "output": self.output,
                 "explain": list(self.explain), "shard": f"{self.shard}/{self.shards}",
-                "labels": str(self.labels) if self.labels else None, "batch_size": self.batch_size,
+                "labels": str(self.labels) if self.labels else None, "split": self.split, "batch_size": self.batch_size,
                 "top_k": self.top_k, "threads": self.threads}
 
 
@@ -318,7 +319,7 @@ def run_batch(options: RunOptions) -> ShardResult:
             raise UsageError(f"bad option: {err.message}") from None
         write_model_objects(out, prefix, loaded)
         items, truth_origin = plan_items(shard_run.source, loaded.engine.kind, loaded.engine.bundle.class_names,
-                                         options.labels)
+                                         options.labels, options.split)
         mine = [i for i in items if shard_of(i.item_id, options.shards) == options.shard]
         complete = manifest.listed_ids(out, prefix, "items", "/" + COMPLETE)
         shard_run.previous_failures = manifest.listed_ids(out, prefix, "failures", ".json")

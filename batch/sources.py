@@ -107,8 +107,12 @@ class Source:
             raise
 
 
-def plan_items(source: Source, kind: str, class_names: list[str], labels_csv: Path | None) -> tuple[list[SourceItem], str]:
-    """All items of the source (every shard computes the same list) and where truth came from."""
+def plan_items(source: Source, kind: str, class_names: list[str], labels_csv: Path | None,
+               split: str | None = None) -> tuple[list[SourceItem], str]:
+    """All items of the source (every shard computes the same list) and where truth came from.
+
+    ``split`` keeps only index rows whose ``split`` column has that value (e.g. the held-out test set).
+    """
     listing = source.list()
     index_name = INDEX_FILES[kind]
     if labels_csv is not None:
@@ -118,9 +122,17 @@ def plan_items(source: Source, kind: str, class_names: list[str], labels_csv: Pa
     elif index_name in listing:
         rows, origin = _read_index(source.read(index_name), index_name), f"source index {index_name}"
     else:
+        if split is not None:
+            raise SourceError(f"--split needs an index with a 'split' column ({index_name} or --labels)")
         keys = sorted(k for k in listing if k.lower().endswith(EXTENSIONS[kind]))
         ids = assign_ids(keys)
         return [SourceItem(ids[k], k, listing[k]) for k in keys], "none"
+    if split is not None:
+        if "split" not in rows[0]:
+            raise SourceError(f"--split {split}: the index has no 'split' column")
+        rows = [r for r in rows if r["split"] == split]
+        if not rows:
+            raise SourceError(f"--split {split}: no index row has that split")
     keys = [_relative(r["path"]) for r in rows]
     ids = assign_ids(keys)
     items = []

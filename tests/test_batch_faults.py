@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from batch.cli import main
 from devstack.services import MinioServer
 from tests.batch_support import REPO_ROOT, check_complete_items, cli, cli_env, env_file, item_id, objects, read, subset
 
@@ -119,15 +120,17 @@ def test_wrong_credentials_give_one_clear_line_and_exit_2(small_set, model_store
     assert "not-the-secret" not in result.stderr
 
 
-def test_usage_errors_exit_2_without_traceback(small_set, model_store, minio_server, tmp_path):
+def test_usage_errors_exit_2_with_a_message(small_set, model_store, minio_server, tmp_path, capsys, monkeypatch):
     source, _ = small_set
-    env = env_file(minio_server, tmp_path / "minio.env")
-    missing = cli("run", "--model", "ddsm", "--archive", str(tmp_path / "none.mar"), "--input", str(source),
-                  "--output", "s3://batch-faults/x", "--s3-env", str(env))
-    assert missing.returncode == 2 and "model archive not found" in missing.stderr and "Traceback" not in missing.stderr
-    no_index = cli("run", "--model", "ddsm", "--archive", str(model_store / "ddsm.mar"), "--input", str(source),
-                   "--output", "s3://batch-faults/x", "--shards", "2", "--s3-env", str(env))
-    assert no_index.returncode == 2 and "JOB_COMPLETION_INDEX" in no_index.stderr
-    not_merged = cli("merge", "--output", "s3://batch-faults/nothing-here", "--s3-env", str(env))
-    assert not_merged.returncode == 2 and "Traceback" not in not_merged.stderr
-    assert "no batch run" in not_merged.stderr or "does not exist" in not_merged.stderr
+    env = str(env_file(minio_server, tmp_path / "minio.env"))
+    run = ["run", "--model", "ddsm", "--input", str(source), "--output", "s3://batch-faults/x", "--s3-env", env]
+    assert main([*run, "--archive", str(tmp_path / "none.mar")]) == 2
+    assert "model archive not found" in capsys.readouterr().err
+    monkeypatch.delenv("JOB_COMPLETION_INDEX", raising=False)
+    assert main([*run, "--archive", str(model_store / "ddsm.mar"), "--shards", "2"]) == 2
+    assert "JOB_COMPLETION_INDEX" in capsys.readouterr().err
+    assert main([*run, "--archive", str(model_store / "ddsm.mar"), "--split", "no-such-split"]) == 2
+    assert "no index row has that split" in capsys.readouterr().err
+    assert main(["merge", "--output", "s3://batch-faults/nothing-here", "--s3-env", env]) == 2
+    err = capsys.readouterr().err
+    assert "no batch run" in err or "does not exist" in err
