@@ -1,19 +1,30 @@
-"""The demo's serving step: start the stack, then ask each model for a prediction with units and a heatmap.
+"""The demo after training: serve, predict online, run both batch jobs into MinIO, open the UI.
 
-Inputs are held-out synthetic cases (a lesion mammogram and an AD subject), so the printed
-predictions can be checked against the generator's ground truth. Results go through the same
-client a hospital system would use and land as JSON + PNG / NIfTI files under ``build/demo/``.
+1. Start MinIO and TorchServe; ask each model for a prediction with units and a heatmap, through
+   the same client a hospital system would use (JSON + PNG / NIfTI files under ``build/demo/``).
+2. Upload the held-out split of each synthetic set (with its ground-truth index and masks) to
+   MinIO, as a hospital would drop studies into object storage, and run the batch job over it with
+   the same archives: per-item results, unit atlas, similarity index, quality report.
+3. Start the Streamlit UI on those runs.
+
+Inputs are synthetic, so every printed prediction can be checked against the generator's truth.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
-from devstack.stack import print_endpoints, start
+from devstack.stack import print_endpoints, start, start_ui
 from medxplain_client import Client
 from medxplain_client.outputs import write_outputs
+from medxplain_client.s3 import S3Config
 
+DEMO_BUCKET = "medxai"
+# cheap methods keep the demo short; every method is available online and via --explain
+BATCH_EXPLAIN = {"ddsm": ("cam",), "adni": ("gradcam", "sensitivity")}
+INDEX = {"ddsm": "images.csv", "adni": "subjects.csv"}
 DEMO_REQUESTS = {"ddsm": {"explain": ["cam", "gradcam"], "top_k": 5},
                  "adni": {"explain": ["gradcam", "occlusion"], "top_k": 5}}
 
@@ -25,6 +36,44 @@ def _pick(data_dir: Path, index: str) -> tuple[Path, str]:
     row = max(rows, key=lambda r: int(r["label"]))
     truth = row.get("label_name") or ("normal", "benign", "malignant")[int(row["label"])]
     return data_dir / row["path"], truth
+
+
+def stage_held_out(s3: S3Config, data_dir: Path, index: str, prefix: str) -> int:
+    """Upload the test split's files, masks and a test-only index under s3://medxai/<prefix>/."""
+    client = s3.client()
+    if not client.bucket_exists(DEMO_BUCKET):
+        client.make_bucket(DEMO_BUCKET)
+    with open(data_dir / index, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], [r for r in reader if r["split"] == "test"]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    data = out.getvalue().encode()
+    client.put_object(DEMO_BUCKET, f"{prefix}/{index}", io.BytesIO(data), len(data), content_type="text/csv")
+    for row in rows:
+        for column in ("path", "mask_path"):
+            if row.get(column):
+                client.fput_object(DEMO_BUCKET, f"{prefix}/{row[column]}", str(data_dir / row[column]))
+    return len(rows)
+
+
+def run_batches(build: Path, s3: S3Config) -> dict[str, str]:
+    """One batch run per model over its staged held-out split; returns model -> run URL."""
+    from batch.runner import RunOptions, run_batch
+
+    runs = {}
+    for model, index in INDEX.items():
+        n = stage_held_out(s3, build / "data" / model, index, f"inputs/{model}-test")
+        output = f"s3://{DEMO_BUCKET}/runs/{model}-demo"
+        print(f"\nbatch {model}: {n} held-out inputs from s3://{DEMO_BUCKET}/inputs/{model}-test -> {output}")
+        result = run_batch(RunOptions(model=model, archive=build / "model-store" / f"{model}.mar",
+                                      input=f"s3://{DEMO_BUCKET}/inputs/{model}-test", output=output,
+                                      explain=BATCH_EXPLAIN[model], s3=s3, threads=2))
+        print("  " + result.summary_line())
+        runs[model] = output
+    return runs
 
 
 def run_demo(build: Path) -> None:
@@ -50,6 +99,12 @@ def run_demo(build: Path) -> None:
             for region in result.get("regions", {}).get("gradcam", [])[:3]:
                 print(f"  region #{region['rank']} by Grad-CAM relevance: {region['name']}")
             print("  files: " + ", ".join(str(p) for p in written))
+    s3 = S3Config.from_env(env_file=Path(info["minio"]["credentials_file"]))
+    runs = run_batches(build, s3)
+    info = start_ui(build / "stack")
     print()
     print_endpoints(info)
+    for model, url in runs.items():
+        print(f"batch run {model:5s}   {url}  (manifest run.json, quality report report.json)")
+    print(f"\nreview the runs, annotate units and look up similar images at {info['ui']['url']}")
     print("\nstop the services with `make stop`")

@@ -70,6 +70,7 @@ class Forward:
 
     probabilities: np.ndarray
     feature_map: torch.Tensor  # (units, *spatial) of the explained layer
+    decision: dict | None = None  # full mammograms: the calibrated image-level decision (its label wins)
 
 
 class Engine(ABC):
@@ -137,14 +138,15 @@ class Engine(ABC):
 
     def respond(self, item: Prepared, fwd: Forward) -> dict:
         names = self.bundle.class_names
-        predicted = int(np.argmax(fwd.probabilities))
+        predicted = int(fwd.decision["label_index"]) if fwd.decision else int(np.argmax(fwd.probabilities))
         target = predicted if item.options.target is None else item.options.target
         ctx = self.explain_context(item, fwd)
         timings: dict[str, float] = {}
         response = {
             "api_version": API_VERSION, "model": self.model_info(),
             "prediction": {"label": names[predicted], "label_index": predicted,
-                           "probabilities": {n: float(p) for n, p in zip(names, fwd.probabilities)}},
+                           "probabilities": {n: float(p) for n, p in zip(names, fwd.probabilities)},
+                           **({"decision": fwd.decision} if fwd.decision else {})},
             "target": {"label": names[target], "index": target},
             "input": item.meta,
         }
@@ -256,10 +258,22 @@ class DDSMEngine(Engine):
             # The image score per class is the map's maximum (DeepMiner); the reported distribution
             # is the one at the most suspicious position (lowest 'normal' probability).
             where = int(torch.argmin(prob_map[0]))
-            item.meta["class_scores"] = {n: float(s) for n, s in zip(self.bundle.class_names, prob_map.amax(dim=1))}
+            class_scores = prob_map.amax(dim=1)
+            item.meta["class_scores"] = {n: float(s) for n, s in zip(self.bundle.class_names, class_scores)}
             item.meta["map_shape"] = list(fmap.shape[2:])
-            out.append(Forward(prob_map[:, where].numpy(), fmap[0].clone()))
+            out.append(Forward(prob_map[:, where].numpy(), fmap[0].clone(), self._decide(class_scores)))
         return out
+
+    def _decide(self, class_scores: torch.Tensor) -> dict | None:
+        """Image-level label from the calibrated threshold on the lesion score (model_store.calibrate)."""
+        threshold = self.bundle.decision.get("full_image_threshold")
+        if threshold is None:
+            return None
+        lesion = class_scores[1:]
+        score = float(lesion.max())
+        index = 0 if score < threshold else 1 + int(torch.argmax(lesion))
+        return {"label_index": index, "rule": "lesion_score >= threshold", "lesion_score": score,
+                "threshold": float(threshold)}
 
     def explain_context(self, item: Prepared, fwd: Forward) -> ExplainContext:
         return ExplainContext(score_model=self.scores[item.mode], explained_layer=self.model.layer4,

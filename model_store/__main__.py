@@ -59,6 +59,18 @@ def _digest(args: argparse.Namespace) -> None:
     print(mar_digest(args.path) if args.path.is_file() else content_digest(args.path))
 
 
+def _calibrate(args: argparse.Namespace) -> None:
+    from model_store.bundle import ModelBundle
+    from model_store.calibrate import calibrate_ddsm
+
+    bundle = ModelBundle.load(args.bundle)
+    if bundle.kind != "ddsm":
+        raise ValueError("calibration sets the full-mammogram operating point: ddsm bundles only")
+    decision = calibrate_ddsm(bundle, args.data, args.split)
+    bundle.save(args.bundle)
+    print(json.dumps(decision, indent=2))
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from model_store.evaluate import EvalConfig, evaluate, to_markdown
 
@@ -120,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("digest", help="print the content digest of a .mar or an unpacked archive folder")
     p.add_argument("path", type=Path)
     p.set_defaults(func=_digest)
+
+    p = sub.add_parser("calibrate", help="ddsm: choose the full-mammogram lesion threshold on a held-out split")
+    p.add_argument("--bundle", type=Path, required=True, help="model bundle to update (e.g. an imported checkpoint)")
+    p.add_argument("--data", type=Path, required=True, help="folder with images.csv (path, split, label columns)")
+    p.add_argument("--split", default="val")
+    p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("evaluate", help="score the attribution methods against the synthetic ground-truth masks")
     p.add_argument("--model", choices=["ddsm", "adni"], required=True)

@@ -93,12 +93,16 @@ class ModelBundle:
     unit_labels: dict = field(default_factory=dict)
     preprocessing: MRIPreprocessing | None = None
     atlas: Atlas | None = None
+    # Operating points chosen on held-out data (model_store.calibrate), e.g. full_image_threshold.
+    decision: dict = field(default_factory=dict)
 
     def save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         torch.save(self.model.state_dict(), directory / WEIGHTS)
         meta = {"format": BUNDLE_FORMAT, "kind": self.kind, "name": self.name, "version": self.version,
                 "class_names": list(self.class_names), "config": self.model.config.to_dict()}
+        if self.decision:
+            meta["decision"] = self.decision
         _write_json(directory / MODEL_JSON, meta)
         card = {**self.card, "name": self.name, "version": self.version,
                 "weights_sha256": sha256_file(directory / WEIGHTS)}
@@ -122,7 +126,8 @@ class ModelBundle:
         model.eval()
         bundle = cls(kind=meta["kind"], name=meta["name"], version=meta["version"],
                      class_names=list(meta["class_names"]), model=model,
-                     card=_read_json(directory / MODEL_CARD), unit_labels=_read_json(directory / UNIT_LABELS))
+                     card=_read_json(directory / MODEL_CARD), unit_labels=_read_json(directory / UNIT_LABELS),
+                     decision=meta.get("decision", {}))
         if meta["kind"] == "adni":
             bundle.preprocessing = MRIPreprocessing.load(directory)
             if (directory / "atlas.nii.gz").exists():

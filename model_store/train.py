@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model_store.bundle import Atlas, ModelBundle, MRIPreprocessing
+from model_store.calibrate import calibrate_ddsm
 from model_store.metrics import classification_report
 from model_store.models import adni as adni_model
 from model_store.models import ddsm as ddsm_model
@@ -138,9 +139,13 @@ def train_ddsm(data_dir: Path, out_dir: Path, cfg: TrainConfig, version: str = "
     cpu_seconds = time.process_time() - cpu_started
     probs = _predict(model, lambda bs: (_ddsm_tensor(test_x[i:i + bs]) for i in range(0, len(test_y), bs)), 64)
     metrics = classification_report(test_y, probs, list(ddsm_model.CLASS_NAMES))
-    return _save(ModelBundle(kind="ddsm", name="ddsm", version=version, class_names=list(ddsm_model.CLASS_NAMES),
-                             model=model),
-                 out_dir, cfg, metrics, history, (seconds, cpu_seconds), data_dir, level="patch")
+    bundle = ModelBundle(kind="ddsm", name="ddsm", version=version, class_names=list(ddsm_model.CLASS_NAMES),
+                         model=model)
+    decision = calibrate_ddsm(bundle, data_dir, "val")
+    if decision:
+        log.info("full-image operating point on val: lesion score >= %.3f (sensitivity %.2f, specificity %.2f)",
+                 decision["full_image_threshold"], decision["sensitivity"], decision["specificity"])
+    return _save(bundle, out_dir, cfg, metrics, history, (seconds, cpu_seconds), data_dir, level="patch")
 
 
 # --- ADNI -------------------------------------------------------------------------------------
@@ -205,7 +210,7 @@ def _save(bundle: ModelBundle, out_dir: Path, cfg: TrainConfig, metrics: dict, h
     dataset = json.loads((data_dir / "dataset.json").read_text())
     report = {"test": {**metrics, "level": level}, "train_seconds": round(seconds, 1),
               "train_cpu_seconds": round(cpu_seconds, 1), "torch_threads": torch.get_num_threads(),
-              "loss_history": history, "config": asdict(cfg)}
+              "loss_history": history, "config": asdict(cfg), **({"decision": bundle.decision} if bundle.decision else {})}
     bundle.card = {"training": {"data": {k: dataset.get(k) for k in ("generator", "version", "seed")},
                                 "config": asdict(cfg), "seconds": round(seconds, 1)},
                    "metrics": report["test"],
