@@ -177,6 +177,21 @@ def test_corrupt_inputs_are_recorded_and_do_not_stop_the_run(ddsm_data, model_st
     assert run["counts"]["complete"] == 3 and run["counts"]["failed"] == 1
 
 
+def test_s3_source_prefix_with_index(ddsm_data, model_store, s3, minio_server, tmp_path):
+    rows = subset(ddsm_data, "ddsm", 2, tmp_path)
+    client = minio_server.client()
+    client.make_bucket("batch-inputs")
+    for path in sorted(p for p in tmp_path.rglob("*") if p.is_file()):
+        client.fput_object("batch-inputs", f"set/{path.relative_to(tmp_path).as_posix()}", str(path))
+    result = run_batch(RunOptions(model="ddsm", archive=model_store / "ddsm.mar", input="s3://batch-inputs/set",
+                                  output="s3://batch-job/from-s3", s3=s3, progress=False))
+    assert result.exit_code == 0 and result.processed == 2 and result.merged
+    contents = check_complete_items(client, "batch-job", "from-s3", {item_id(r["path"]) for r in rows})
+    for row in rows:
+        item = json.loads(contents[item_id(row["path"])]["result.json"])["item"]
+        assert item["source_key"] == row["path"] and item["truth"] == int(row["label"]) and item["mask"] == "mask.png"
+
+
 def test_mri_run_writes_volumes_on_the_model_grid(adni_data, model_store, s3, minio_server, tmp_path):
     rows = subset(adni_data, "adni", 3, tmp_path)
     result = run_batch(RunOptions(model="adni", archive=model_store / "adni.mar", input=str(tmp_path),
