@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 from devstack.services import MinioServer, ServiceError, StreamlitServer, TorchServeServer, stop_process_group
@@ -21,9 +22,20 @@ def _state_file(state: Path) -> Path:
     return state / "stack.json"
 
 
+def _check_ports_free(names: list[str]) -> None:
+    """Fail with the fix in the message, before any service starts, if a port is taken."""
+    for name in names:
+        port = _port(name)
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                raise ServiceError(f"port {port} ({name}) is already in use on 127.0.0.1: stop what runs there "
+                                   f"(`make stop` for an earlier stack) or set MEDXAI_PORT_{name.upper()}")
+
+
 def start(state: Path, model_store: Path) -> dict:
     if _state_file(state).exists():
         stop(state)
+    _check_ports_free(list(DEFAULT_PORTS))
     state.mkdir(parents=True, exist_ok=True)
     models = {p.stem: p.name for p in sorted(model_store.glob("*.mar"))}
     if not models:
