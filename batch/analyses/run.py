@@ -90,8 +90,13 @@ def build_run_outputs(records: list[ItemRecord], model: ModelInfo, *, atlas_top_
             image_scores = [r.result.get("input", {}).get("class_scores") for r, _ in labelled]
             if all(image_scores):  # full mammograms: DeepMiner's image score (class-map maximum) too
                 scores_matrix = np.array([[float(s[n]) for n in names] for s in image_scores])
+                # The 'normal' map is near 1 somewhere on every image, so its maximum ranks nothing:
+                # an image is normal when no position is suspicious, i.e. 1 - its highest lesion score.
+                scores_matrix[:, 0] = 1.0 - scores_matrix[:, 1:].max(axis=1)
                 classification["auc_one_vs_rest_image_score"] = classification_report(
                     truth, predicted, scores_matrix, names)["auc_one_vs_rest"]
+                classification["image_score"] = (f"lesion classes: class-map maximum; {names[0]}: 1 - the highest "
+                                                 "lesion-class maximum")
             report = {"classification": classification,
                       "explanations": scores.report(), "items": len(records), "items_with_truth": len(labelled)}
             out["report.json"] = dumps(report)
