@@ -263,7 +263,7 @@ class StreamlitServer:
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
         cmd = [sys.executable, "-m", "streamlit", "run", str(REPO_ROOT / "ui" / "app.py"),
                "--server.headless=true", "--server.address=127.0.0.1", f"--server.port={self.port}",
-               "--browser.gatherUsageStats=false", "--server.fileWatcherType=none"]
+               "--browser.gatherUsageStats=false", "--server.fileWatcherType=none", "--client.toolbarMode=minimal"]
         proc = _start(cmd, self.log_path, REPO_ROOT, env)
         self.pid = proc.pid
         _wait(lambda: _http_status(f"{self.url}/_stcore/health") == 200, "Streamlit", timeout, proc, self.log_path)
