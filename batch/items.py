@@ -101,6 +101,11 @@ def item_objects(kind: str, item: SourceItem, response: dict, features: ItemFeat
               "cell_size": np.asarray(features.cell_size, np.float64), "embedding": features.embedding}
     if features.peak_maps is not None:
         arrays["peak_maps"] = features.peak_maps
+    if features.contributions is not None:
+        arrays["contributions"] = features.contributions.astype(np.float32)
+        result["units_per_class"] = features.top_units_per_class(list(response["prediction"]["probabilities"]))
+    if features.class_map is not None:
+        arrays["class_map"] = features.class_map.astype(np.float16)
     objects["features.npz"] = npz_bytes(arrays)
     name, data = display_copy(kind, features, model_affine)
     objects[name] = data

@@ -71,6 +71,7 @@ class Forward:
     probabilities: np.ndarray
     feature_map: torch.Tensor  # (units, *spatial) of the explained layer
     decision: dict | None = None  # full mammograms: the calibrated image-level decision (its label wins)
+    class_map: torch.Tensor | None = None  # full mammograms: (classes, *cells) class-probability map
 
 
 class Engine(ABC):
@@ -128,7 +129,8 @@ class Engine(ABC):
                 try:
                     item = prepared[i]
                     results[i] = (self.respond(item, fwd),  # type: ignore[arg-type]
-                                  extract_features(fwd.feature_map, item.inputs, self.peak_window))  # type: ignore[union-attr]
+                                  extract_features(fwd.feature_map, item.inputs, self.peak_window,  # type: ignore[union-attr]
+                                                   self.unit_class_weights, fwd.class_map))
                 except InputError as err:
                     results[i] = err
                 except Exception:  # isolate the item, keep the batch and the worker
@@ -173,6 +175,11 @@ class Engine(ABC):
         return response
 
     peak_window: int | None = None  # cells per side of ItemFeatures.peak_maps (2D models)
+
+    @property
+    def unit_class_weights(self) -> torch.Tensor | None:
+        """(classes, units) weights of a linear classifier on the pooled units, if the model has one."""
+        return None
 
     def add_method_extras(self, response: dict, method: str, relevance: np.ndarray) -> None:
         """Hook for per-method side outputs (the MRI region table)."""
@@ -261,8 +268,13 @@ class DDSMEngine(Engine):
             class_scores = prob_map.amax(dim=1)
             item.meta["class_scores"] = {n: float(s) for n, s in zip(self.bundle.class_names, class_scores)}
             item.meta["map_shape"] = list(fmap.shape[2:])
-            out.append(Forward(prob_map[:, where].numpy(), fmap[0].clone(), self._decide(class_scores)))
+            out.append(Forward(prob_map[:, where].numpy(), fmap[0].clone(), self._decide(class_scores),
+                               prob_map.reshape(-1, *fmap.shape[2:]).clone()))
         return out
+
+    @property
+    def unit_class_weights(self) -> torch.Tensor:
+        return self.model.fc.weight
 
     def _decide(self, class_scores: torch.Tensor) -> dict | None:
         """Image-level label from the calibrated threshold on the lesion score (model_store.calibrate)."""

@@ -23,6 +23,19 @@ class ItemFeatures:
     cell_size: tuple[float, ...]  # analysed-input pixels (voxels) per cell along each axis
     peak_maps: np.ndarray | None  # ddsm: (units, w, w) float16 window of each unit's map around its peak
     display: np.ndarray  # the analysed input as the model saw it (grey pixels 0..65535 / z-scored volume)
+    # ddsm: (classes, units) pooled activation x classifier weight, i.e. every unit's share of each
+    # class logit (exact with max pooling), so top units per class need no second pass
+    contributions: np.ndarray | None = None
+    class_map: np.ndarray | None = None  # ddsm full images: (classes, *cells) class-probability map
+
+    def top_units_per_class(self, class_names: list[str], k: int = 8) -> dict[str, list[dict]]:
+        if self.contributions is None:
+            return {}
+        out = {}
+        for name, row in zip(class_names, self.contributions):
+            order = np.argsort(-row, kind="stable")[:k]
+            out[name] = [{"unit": int(u), "contribution": float(row[u])} for u in order]
+        return out
 
     @property
     def embedding(self) -> np.ndarray:
@@ -31,8 +44,10 @@ class ItemFeatures:
         return (self.pooled / norm if norm > 0 else self.pooled).astype(np.float32)
 
 
-def extract_features(feature_map: torch.Tensor, analysed: torch.Tensor, window: int | None) -> ItemFeatures:
-    """feature_map (units, *cells); analysed (1, 1, *pixels); window = cells per side of peak_maps (2D only)."""
+def extract_features(feature_map: torch.Tensor, analysed: torch.Tensor, window: int | None,
+                     class_weights: torch.Tensor | None = None, class_map: torch.Tensor | None = None) -> ItemFeatures:
+    """feature_map (units, *cells); analysed (1, 1, *pixels); window = cells per side of peak_maps (2D only);
+    class_weights (classes, units) of a linear classifier on the pooled features, if the model has one."""
     fmap = feature_map.detach().float()
     spatial = tuple(fmap.shape[1:])
     flat = fmap.flatten(1)
@@ -48,5 +63,7 @@ def extract_features(feature_map: torch.Tensor, analysed: torch.Tensor, window: 
         padded = torch.nn.functional.pad(fmap, (half, half, half, half))
         peak_maps = np.stack([padded[u, r:r + window, c:c + window].numpy() for u, (r, c) in enumerate(peak)])
         peak_maps = peak_maps.astype(np.float16)
+    contributions = None if class_weights is None else (class_weights.detach().float() * pooled[None]).numpy()
     return ItemFeatures(pooled.numpy().astype(np.float32), peak, spatial, cell_size, peak_maps,
-                        analysed[0, 0].detach().float().numpy())
+                        analysed[0, 0].detach().float().numpy(), contributions,
+                        None if class_map is None else class_map.detach().float().numpy())
