@@ -34,9 +34,9 @@ lint: setup
 .PHONY: lint help setup check-java check-chromium data train archives serve stop demo test bench clean
 
 help:
-	@echo "make demo      set up, generate synthetic data, train both models, build archives, serve, predict"
+	@echo "make demo      set up, synthetic data, train both models, archives, serve, predict, batch runs into MinIO, UI"
 	@echo "make test      set up and run the test suite against real MinIO and TorchServe"
-	@echo "make setup     virtualenv ($(VENV)), MinIO server binary, Java check"
+	@echo "make setup     virtualenv ($(VENV)), MinIO server binary, Java and Chromium checks"
 	@echo "make data | train | archives | serve | stop | bench | clean"
 
 setup: $(VENV)/.installed $(MINIO_BIN) check-java check-chromium
