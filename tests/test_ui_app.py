@@ -399,3 +399,18 @@ def test_oidc_login_required_when_auth_configured(ui_env):
     assert not at.warning  # no demo-mode banner
     assert any("Signed in as **Dr Reader**" in c.value for c in at.caption)
     assert at.session_state["annotator"].id.startswith("oidc-") and at.session_state["annotator"].mode == "oidc"
+
+
+def test_overlay_decodes_every_api_encoding_and_blends():
+    from handlers.encoding import encode_2d, encode_3d
+    from ui.overlay import blend, decode_map_entry
+
+    values = np.linspace(-1.5, 2.5, 60 * 40, dtype=np.float32).reshape(60, 40)
+    assert np.allclose(decode_map_entry(encode_2d(values, "png")), values, atol=4.0 / 255 + 1e-6)
+    assert np.allclose(decode_map_entry(encode_2d(values, "float16")), values, atol=2e-3)
+    volume = np.random.default_rng(1).random((9, 11, 7)).astype(np.float32)
+    assert np.allclose(decode_map_entry(encode_3d(volume, np.diag([2.0, 2.0, 2.0, 1.0]))), volume, atol=1 / 255 + 1e-6)
+    grey = np.zeros((60, 40), np.uint8)
+    rgb = blend(grey, values, alpha=1.0, cmap="jet")
+    assert rgb.shape == (60, 40, 3) and rgb[-1].mean() > rgb[0].mean()  # hot end coloured, cold end left grey
+    assert (blend(grey, values, alpha=0.0) == 0).all()
