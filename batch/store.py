@@ -22,7 +22,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from medxplain_client.s3 import S3Config
+from medxplain_client.s3 import S3Config, read_object
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -135,14 +135,7 @@ class Bucket:
         return digest
 
     def get(self, key: str) -> bytes:
-        def fetch() -> bytes:
-            response = self.client.get_object(self.name, key)
-            try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
-        return self.call(f"download of {key}", fetch)
+        return self.call(f"download of {key}", lambda: read_object(self.client, self.name, key))
 
     def get_or_none(self, key: str) -> bytes | None:
         try:

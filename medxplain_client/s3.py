@@ -97,3 +97,13 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     if parsed.scheme != "s3" or not parsed.netloc:
         raise S3ConfigError(f"expected s3://bucket/prefix, got {url!r}")
     return parsed.netloc, parsed.path.strip("/")
+
+
+def read_object(client, bucket: str, key: str) -> bytes:
+    """The whole object; the SDK's response must be closed and its connection released by hand."""
+    response = client.get_object(bucket, key)
+    try:
+        return response.read()
+    finally:
+        response.close()
+        response.release_conn()

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
+from medxplain_client.s3 import read_object
 from ui import lexicon
 from ui.runs import _s3_call
 
@@ -113,15 +114,7 @@ class AnnotationStore:
         return key
 
     def _read(self, key: str) -> Annotation:
-        def get() -> bytes:
-            response = self.client.get_object(self.bucket, key)
-            try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
-
-        return Annotation.from_dict(json.loads(_s3_call(key, get)))
+        return Annotation.from_dict(json.loads(_s3_call(key, read_object, self.client, self.bucket, key)))
 
     def _keys(self, prefix: str) -> list[str]:
         objects = _s3_call(f"listing {prefix}", lambda: list(

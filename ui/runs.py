@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medxplain_client.s3 import read_object
 from ui.overlay import decode_map_bytes
 
 MANIFEST = "run.json"
@@ -110,15 +111,7 @@ class Run:
     def bytes(self, relative: str) -> bytes:
         key = self.key(relative)
 
-        def get() -> bytes:
-            response = self.client.get_object(self.bucket, key)
-            try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
-
-        return _s3_call(f"s3://{self.bucket}/{key}", get)
+        return _s3_call(f"s3://{self.bucket}/{key}", read_object, self.client, self.bucket, key)
 
     def json(self, relative: str) -> dict:
         return json.loads(self.bytes(relative))
