@@ -100,7 +100,19 @@ class Engine(ABC):
                 "weights_sha256": self.bundle.card.get("weights_sha256")}
 
     def describe_methods(self) -> dict:
-        return {name: {"description": m.description, "online": m.online} for name, m in self.methods.items()}
+        """Each method's description, cost class and, when the model card has one, its measured quality:
+        sanity flag and pointing game per setting from ``python -m model_store evaluate --card``."""
+        quality = self.bundle.card.get("explanation_quality", {}).get("methods", {})
+        return {name: {"description": m.description, "online": m.online,
+                       **({"quality": quality[name]} if name in quality else {})} for name, m in self.methods.items()}
+
+    def describe(self) -> dict:
+        """What TorchServe's describe call returns (``GET /models/{name}?customized=true``)."""
+        quality = self.bundle.card.get("explanation_quality", {})
+        return {"api_version": API_VERSION, "model": self.model_info(), "class_names": list(self.bundle.class_names),
+                "default_methods": list(self.default_methods), "methods": self.describe_methods(),
+                "quality_source": {k: quality[k] for k in ("split", "limit", "target", "sanity_threshold", "tolerance",
+                                                          "settings", "how_to_read") if k in quality}}
 
     # -- pipeline -------------------------------------------------------------------------------
 
@@ -168,11 +180,19 @@ class Engine(ABC):
                 relevance = self.methods[name].attribute(ctx, target, item.options)
                 timings[name] = _ms(started)
                 response["heatmaps"][name] = {"description": self.methods[name].description,
+                                              **self._quality(name),
                                               **self.encode_maps(item, relevance[None], [name])[name]}
                 self.add_method_extras(response, name, relevance)
         response["timing_ms"] = timings
         response["warnings"] = item.warnings
         return response
+
+    def _quality(self, method: str) -> dict:
+        """{'quality': sanity flag and pointing game per setting} from the model card, or nothing."""
+        quality = self.bundle.card.get("explanation_quality", {}).get("methods", {}).get(method)
+        if not quality:
+            return {}
+        return {"quality": {setting: {k: q.get(k) for k in ("sanity", "pointing_game")} for setting, q in quality.items()}}
 
     peak_window: int | None = None  # cells per side of ItemFeatures.peak_maps (2D models)
 

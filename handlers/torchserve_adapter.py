@@ -89,6 +89,8 @@ class EngineHandler:
 
     def handle(self, data: list[dict], context) -> list:
         assert self.engine is not None
+        if _is_describe(context):  # management API: GET /models/{name}?customized=true
+            return [self.engine.describe()]
         requests: list[EngineRequest | InputError] = []
         for i, row in enumerate(data):
             try:
@@ -106,6 +108,13 @@ class EngineHandler:
                 result = result.to_dict()
             out.append(result)
         return out
+
+
+def _is_describe(context) -> bool:
+    try:
+        return str(context.get_request_header(0, "describe")) == "True"
+    except (AttributeError, KeyError, IndexError, TypeError):
+        return False
 
 
 def _is_explain(context, idx: int) -> bool:

@@ -85,8 +85,13 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     config = EvalConfig(split=args.split, limit=args.limit, methods=methods(args.methods),
                         patch_methods=methods(args.patch_methods), full_cascade=args.cascade, ig_steps=args.ig_steps,
-                        occlusion_size=args.occlusion_size, occlusion_stride=args.occlusion_stride)
+                        occlusion_size=args.occlusion_size, occlusion_stride=args.occlusion_stride,
+                        curve_steps=args.curve_steps)
     report = evaluate(args.model, args.bundle, args.data, config)
+    if args.card:
+        from model_store.quality_card import write_card
+
+        write_card(args.bundle, report)
     markdown = to_markdown(report)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -159,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ig-steps", type=int, default=16)
     p.add_argument("--occlusion-size", type=int, help="default: ddsm engine default; adni 40 mm in voxels")
     p.add_argument("--occlusion-stride", type=int, help="default: ddsm engine default; adni 12 mm in voxels")
+    p.add_argument("--curve-steps", type=int, default=10,
+                   help="deletion / insertion curve steps (default 10; 0 skips the curves)")
+    p.add_argument("--card", action="store_true", help="write each method's sanity flag and scores into the "
+                   "bundle's model_card.json (served in the method descriptions; archive afterwards)")
     p.add_argument("--out", type=Path, help="JSON report")
     p.add_argument("--markdown", type=Path, help="markdown report")
     p.set_defaults(func=_evaluate)

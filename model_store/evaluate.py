@@ -15,7 +15,10 @@ Choices that are not in the definitions, stated once here and repeated in the re
   from the output down; BatchNorm layers get fresh affine parameters and running statistics;
 - MRI correlations use brain voxels only (outside the brain several methods are 0 for every model,
   which would inflate the correlation); region rankings and distances average per-subject maps
-  clipped at 0 and normalised to sum 1.
+  clipped at 0 and normalised to sum 1;
+- deletion / insertion curves (``model_store.faithfulness``) run on the analysed grid (the map
+  before it is resized to the sent image), for the trained model only; their chance row is a
+  seeded random pixel order.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ from scipy import ndimage
 from scipy.stats import rankdata
 from tqdm import tqdm
 
+from handlers.attribution import ExplainContext
 from handlers.engine import Engine
 from handlers.options import parse_options
 from handlers.regions import region_relevance
+from model_store.faithfulness import CURVE_STEPS, CurveScorer
 from model_store.tiling import PATCH_SIZE, Tile, extract_patch
 
 DDSM_TOLERANCE_PX = 15
@@ -209,13 +214,21 @@ def adni_cases(data_dir: Path, split: str, limit: int | None = None) -> list[Cas
 
 def engine_maps(engine: Engine, case: Case, methods: Sequence[str], params: dict) -> tuple[dict[str, np.ndarray], int]:
     """Raw relevance maps on the mask's grid plus the predicted class, through the serving pipeline."""
+    maps, predicted, _, _ = engine_maps_in_context(engine, case, methods, params)
+    return maps, predicted
+
+
+def engine_maps_in_context(engine: Engine, case: Case, methods: Sequence[str],
+                           params: dict) -> tuple[dict[str, np.ndarray], int, dict[str, np.ndarray], ExplainContext]:
+    """:func:`engine_maps` plus the maps on the analysed grid and the context (what the curves perturb)."""
     options = parse_options({**params, "target": case.target, "top_k": 0}, engine.bundle.class_names,
                             engine.methods, engine.default_methods, engine.model.num_units)
     item = engine.prepare(case.payload, options)
     fwd = engine.forward(item.mode, [item])[0]
     ctx = engine.explain_context(item, fwd)
-    maps = {m: _on_grid(engine.methods[m].attribute(ctx, case.target, options), case.mask.shape) for m in methods}
-    return maps, int(np.argmax(fwd.probabilities))
+    raw = {m: engine.methods[m].attribute(ctx, case.target, options) for m in methods}
+    maps = {m: _on_grid(r, case.mask.shape) for m, r in raw.items()}
+    return maps, int(np.argmax(fwd.probabilities)), raw, ctx
 
 
 def _on_grid(relevance: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -251,14 +264,24 @@ class _Tally:
 
     scores: dict[str, list[float]] = field(default_factory=dict)
     correlations: dict[str, list[float]] = field(default_factory=dict)
+    curves: dict[str, list[np.ndarray]] = field(default_factory=dict)
     mean_map: np.ndarray | None = None
 
     def add(self, key: str, value: float) -> None:
         self.scores.setdefault(key, []).append(value)
 
+    def add_curves(self, faith: dict) -> None:
+        """Deletion / insertion AUCs of one case, and its curves for the mean curve."""
+        self.add("deletion_auc", faith["deletion_auc"])
+        self.add("insertion_auc", faith["insertion_auc"])
+        for kind in ("deletion", "insertion"):
+            self.curves.setdefault(kind, []).append(faith[f"{kind}_curve"])
+
     def summary(self, threshold: float) -> dict:
         rho = {stage: float(np.mean(v)) for stage, v in self.correlations.items()}
         result: dict = {k: float(np.mean(v)) for k, v in self.scores.items()}
+        if self.curves:  # mean probability per fraction of pixels changed
+            result["curves"] = {k: np.mean(v, axis=0).round(4).tolist() for k, v in self.curves.items()}
         if rho:  # stages run from the top layer to the fully randomised model
             values = list(rho.values())
             result.update(randomisation_spearman=rho, sanity=sanity_flag(values[0], values[-1], threshold))
@@ -266,19 +289,29 @@ class _Tally:
 
 
 def evaluate_setting(trained: Engine, randomised: dict[str, Engine], setting: Setting, params: dict,
-                     threshold: float = SANITY_THRESHOLD, progress: bool = True) -> dict:
-    """Score every method of the setting on every case; correlations against each randomised engine."""
+                     threshold: float = SANITY_THRESHOLD, progress: bool = True, curve_steps: int = CURVE_STEPS,
+                     seed: int = 0) -> dict:
+    """Score every method of the setting on every case; correlations against each randomised engine.
+
+    ``curve_steps`` > 0 adds deletion / insertion curves of the trained model's maps (0 skips them).
+    """
     tallies = {m: _Tally() for m in setting.methods}
     chance, correct, started = _Tally(), 0, time.monotonic()
+    rng = np.random.default_rng(seed)
     bar = tqdm(total=len(setting.cases) * (1 + len(randomised)), desc=f"{trained.kind} {setting.name}",
                unit="pass", disable=not progress)
     for case in setting.cases:
-        maps, predicted = engine_maps(trained, case, setting.methods, params)
-        bar.update()
+        maps, predicted, raw, ctx = engine_maps_in_context(trained, case, setting.methods, params)
         correct += predicted == case.target
         _score_chance(chance, case.mask, setting.tolerance)
         for method, relevance in maps.items():
             _score_localisation(tallies[method], relevance, case.mask, setting.tolerance, setting.region_ranking)
+        if curve_steps:
+            scorer = CurveScorer(ctx.gradcam_model, ctx.inputs, case.target, ctx.brain_mask, curve_steps)
+            for method, relevance in raw.items():
+                tallies[method].add_curves(scorer.aucs(relevance))
+            chance.add_curves(scorer.aucs(rng.random(ctx.spatial)))  # a random pixel order
+        bar.update()
         for stage, engine in randomised.items():
             random_maps, _ = engine_maps(engine, case, setting.methods, params)
             bar.update()
@@ -295,6 +328,9 @@ def evaluate_setting(trained: Engine, randomised: dict[str, Engine], setting: Se
     result["best"] = _best(result["methods"])
     if setting.region_ranking:
         result.update(_region_report(trained, tallies, len(setting.cases)))
+    if curve_steps:
+        result["curves"] = {"steps": curve_steps, "fractions": np.linspace(0, 1, curve_steps + 1).round(4).tolist(),
+                            "chance": "a seeded random pixel order"}
     return result
 
 
@@ -352,6 +388,7 @@ class EvalConfig:
     threshold: float = SANITY_THRESHOLD
     seed: int = 0
     progress: bool = True
+    curve_steps: int = CURVE_STEPS  # deletion / insertion; 0 = skip
 
 
 def evaluate(kind: str, bundle_dir: Path, data_dir: Path, config: EvalConfig = EvalConfig()) -> dict:
@@ -372,10 +409,14 @@ def evaluate(kind: str, bundle_dir: Path, data_dir: Path, config: EvalConfig = E
         "settings": {"split": config.split, "limit": config.limit, "target": "ground-truth class",
                      "ig_steps": config.ig_steps, "occlusion_size": config.occlusion_size,
                      "occlusion_stride": config.occlusion_stride, "sanity_threshold": config.threshold,
+                     "curves": {"steps": config.curve_steps, "baseline": 0.0,
+                                "score": "softmax of the explained scores, explained class",
+                                "domain": "analysed grid (MRI: brain voxels)"},
                      "randomisation": {"cascade": modules, "stages": list(randomised), "top": modules[0],
                                        "full": modules[-1], "seed": config.seed,
                                        "init": "reset_parameters() of every module, output side first"}},
-        "evaluations": {s.name: evaluate_setting(engine, randomised, s, params, config.threshold, config.progress)
+        "evaluations": {s.name: evaluate_setting(engine, randomised, s, params, config.threshold, config.progress,
+                                                 config.curve_steps, config.seed)
                         for s in settings if s.cases and s.methods},
     }
 
@@ -435,7 +476,17 @@ def _settings_lines(model: dict, settings: dict) -> list[str]:
         ("- metrics: pointing game with the mask dilated by the tolerance (tied maxima score the fraction inside); "
          "mass accuracy = positive relevance inside / all positive relevance; rank accuracy over the top K = "
          "mask-size pixels (ties at the cut pro rata); chance row = scores of a uniform map"),
+        _curve_line(settings.get("curves", {})),
     ]
+
+
+def _curve_line(curves: dict) -> str:
+    if not curves.get("steps"):
+        return "- deletion / insertion curves: not computed (`--curve-steps 0`)"
+    return (f"- deletion / insertion (Petsiuk et al. 2018): the most relevant pixels set to {curves['baseline']:g} "
+            f"(deletion) or restored onto an all-{curves['baseline']:g} input (insertion) in {curves['steps']} equal "
+            f"steps, on the {curves['domain']}; AUC of the {curves['score']} over the fraction changed "
+            "(deletion: lower is better, insertion: higher); chance row = a random pixel order")
 
 
 def _evaluation_lines(name: str, result: dict, rnd: dict) -> list[str]:
@@ -446,16 +497,19 @@ def _evaluation_lines(name: str, result: dict, rnd: dict) -> list[str]:
         (f"{result['description']}; {result['cases']} cases; pointing-game tolerance {result['tolerance']:g} "
          f"{result['tolerance_unit']}; ρ over {result['spearman_domain']}; prediction accuracy on these cases "
          f"{result['accuracy']:.2f}; {result['seconds']} s."), "",
-        f"| method | pointing game | mass accuracy | rank accuracy | ρ top layer (`{top}`) | ρ full | flag |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        (f"| method | pointing game | mass accuracy | rank accuracy | deletion AUC ↓ | insertion AUC ↑ "
+         f"| ρ top layer (`{top}`) | ρ full | flag |"),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method, r in result["methods"].items():
         rho = r["randomisation_spearman"]
         lines.append(f"| {method} | {r['pointing_game']:.2f} | {r['mass_accuracy']:.3f} | {r['rank_accuracy']:.3f} "
+                     f"| {_num(r.get('deletion_auc'))} | {_num(r.get('insertion_auc'))} "
                      f"| {rho[top]:.2f} | {rho[full]:.2f} | {r['sanity']} |")
     lines += [
-        (f"| chance (uniform map) | {chance['pointing_game']:.2f} | {chance['mass_accuracy']:.3f} "
-         f"| {chance['rank_accuracy']:.3f} | | | |"), "",
+        (f"| chance (uniform map; random order for the curves) | {chance['pointing_game']:.2f} "
+         f"| {chance['mass_accuracy']:.3f} | {chance['rank_accuracy']:.3f} | {_num(chance.get('deletion_auc'))} "
+         f"| {_num(chance.get('insertion_auc'))} | | | |"), "",
         (f"Best pointing game: `{best['method']}` {best['pointing_game']:.2f} "
          f"(bar {best['bar']}: {'met' if best['meets_bar'] else 'NOT met'})."), "",
     ]
@@ -464,6 +518,10 @@ def _evaluation_lines(name: str, result: dict, rnd: dict) -> list[str]:
     if "method_distances" in result:
         lines += _distance_lines(result["method_distances"])
     return lines
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def _region_lines(regions: dict[str, list[dict]]) -> list[str]:

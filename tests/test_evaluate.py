@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
+from handlers.engine import Engine, EngineRequest
 from model_store.__main__ import main
 from model_store.evaluate import (
     cascade,
+    ddsm_cases,
     lesion_patch,
     mass_accuracy,
     pairwise_l2,
@@ -96,10 +99,11 @@ def test_lesion_patch_holds_the_lesion():
 
 
 def test_evaluate_end_to_end(ddsm_bundle, ddsm_data, tmp_path):
-    out, md = tmp_path / "report.json", tmp_path / "report.md"
-    assert main(["evaluate", "--model", "ddsm", "--bundle", str(ddsm_bundle[0]), "--data", str(ddsm_data),
+    out, md, bundle = tmp_path / "report.json", tmp_path / "report.md", tmp_path / "bundle"
+    shutil.copytree(ddsm_bundle[0], bundle)  # --card writes into the bundle: not into the session's
+    assert main(["evaluate", "--model", "ddsm", "--bundle", str(bundle), "--data", str(ddsm_data),
                  "--limit", "2", "--methods", "cam,gradcam", "--patch-methods", "cam", "--out", str(out),
-                 "--markdown", str(md)]) == 0
+                 "--markdown", str(md), "--curve-steps", "4", "--card"]) == 0
     report = json.loads(out.read_text())
     stages = report["settings"]["randomisation"]["stages"]
     assert stages == ["fc", "conv1"]
@@ -111,8 +115,26 @@ def test_evaluate_end_to_end(ddsm_bundle, ddsm_data, tmp_path):
             assert 0.0 <= result[key] <= 1.0
         assert set(result["randomisation_spearman"]) == set(stages)
         assert result["sanity"] in ("ok", "top-layer insensitive", "fail")
+        assert 0.0 <= result["deletion_auc"] <= 1.0 and 0.0 <= result["insertion_auc"] <= 1.0
+        assert len(result["curves"]["deletion"]) == len(result["curves"]["insertion"]) == 5
+    assert full["curves"]["fractions"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert 0.0 <= full["chance"]["deletion_auc"] <= 1.0  # a random pixel order on the same cases
     for setting in ("full_image", "patch"):
         cam = report["evaluations"][setting]["methods"]["cam"]["randomisation_spearman"]
         assert max(cam.values()) < 1.0
     text = md.read_text()
     assert "| cam |" in text and report["model"]["weights_sha256"] in text
+    assert "deletion AUC" in text and "insertion AUC" in text
+    # the card now carries each method's sanity flag and pointing game, and the engine serves them
+    engine = Engine.from_model_dir(bundle)
+    described = engine.describe_methods()
+    for setting in ("full_image", "patch"):
+        for method, result in report["evaluations"][setting]["methods"].items():
+            quality = described[method]["quality"][setting]
+            assert quality["sanity"] == result["sanity"] and quality["cases"] == report["evaluations"][setting]["cases"]
+            assert quality["pointing_game"] == pytest.approx(result["pointing_game"], abs=1e-4)
+    assert "quality" not in described["saliency"]  # not evaluated: nothing claimed
+    (response,) = engine.run([EngineRequest(ddsm_cases(ddsm_data, "test", 1)[0].payload, {"explain": "cam"})])
+    assert response["heatmaps"]["cam"]["quality"]["full_image"]["sanity"] == report["evaluations"]["full_image"][
+        "methods"]["cam"]["sanity"]
+    assert engine.describe()["quality_source"]["split"] == "test"
