@@ -6,10 +6,11 @@ chance) so the test suite exercises real training.
 
 Training is as deterministic as torch allows on one machine (seeds, a fixed thread count,
 deterministic algorithms: ``model_store.runtime``), but not across CPUs, whose kernels sum in
-another order. So a model must prove it learned: after the profile's epochs the macro ROC AUC on
-the *validation* split must reach the profile's bar; below it, training continues one epoch at a
+another order. So a model must prove it learned: after the profile's epochs its ROC AUCs on the
+*validation* split must reach the profile's bar; below it, training continues one epoch at a
 time (a short one-cycle restart at a lower peak rate) for at most ``extra_epochs``, and then fails
-with the measured figures instead of writing a model that has not learned.
+with the measured figures instead of writing a model that has not learned. A bar is a list of
+(metric, minimum): ``macro`` for the macro ROC AUC or a class name for that class's one-vs-rest AUC.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class TrainConfig:
     dropout: float = 0.8  # ADNI only (the seed's value)
     weight_decay: float = 1e-4
     threads: int = 2  # intra-op threads: fixed, since CPU reductions are split per thread
-    val_bar: float = 0.9  # minimum macro ROC AUC on the validation split
+    val_bar: tuple[tuple[str, float], ...] = (("macro", 0.9),)  # minimum validation ROC AUCs (module docstring)
     extra_epochs: int = 3  # at most this many epochs beyond `epochs` to reach the bar
 
 
@@ -66,9 +67,12 @@ PROFILES: dict[str, dict[str, TrainConfig]] = {
              # The seed's dropout 0.8 / lr 1e-4 need far more epochs than the budget allows; on the
              # 2 mm grid the head sees only 64x1x2x1 features, so light dropout suffices.
              "adni": TrainConfig(epochs=20, batch_size=8, lr=1e-3, dropout=0.2)},
-    # The tests need models that have learned, not good ones: bar 0.8 (chance is 0.5).
-    "test": {"ddsm": TrainConfig(epochs=3, batch_size=16, lr=1e-3, normal_per_image=1, val_bar=0.8),
-             "adni": TrainConfig(epochs=6, batch_size=4, lr=3e-4, dropout=0.5, val_bar=0.8)},
+    # The tests need models that have learned, not good ones (chance is 0.5). The small ddsm run's
+    # validation split holds ~5 cases: benign vs malignant rests on a few lesions, so the bar asks
+    # for lesion vs tissue (the 'normal' one-vs-rest AUC) firmly and the macro AUC above chance.
+    "test": {"ddsm": TrainConfig(epochs=3, batch_size=16, lr=1e-3, normal_per_image=1,
+                                 val_bar=(("normal", 0.85), ("macro", 0.7))),
+             "adni": TrainConfig(epochs=6, batch_size=4, lr=3e-4, dropout=0.5, val_bar=(("macro", 0.8),))},
 }
 
 
@@ -132,25 +136,34 @@ def _fit_to_bar(model: nn.Module, batches: Callable[[int], Iterable], steps_per_
     """
     history = _fit(model, batches, steps_per_epoch, cfg, desc)
     report, extra = validate(), 0
-    while not _meets(report, cfg.val_bar) and extra < cfg.extra_epochs:
-        log.warning("%s: validation macro ROC AUC %s below the bar %.2f after %d epochs: one more epoch", desc,
-                    _fmt(report["macro_roc_auc"]), cfg.val_bar, cfg.epochs + extra)
+    while _short(report, cfg.val_bar) and extra < cfg.extra_epochs:
+        log.warning("%s: validation ROC AUC below the bar after %d epochs (%s): one more epoch", desc,
+                    cfg.epochs + extra, _shortfall(report, cfg.val_bar))
         epoch = cfg.epochs + extra
         history += _fit(model, batches, steps_per_epoch, cfg, desc, range(epoch, epoch + 1), cfg.lr * EXTRA_EPOCH_LR)
         report, extra = validate(), extra + 1
-    report = {**report, "bar": {"metric": "macro_roc_auc", "min": cfg.val_bar, "met": _meets(report, cfg.val_bar),
+    report = {**report, "bar": {"min_roc_auc": dict(cfg.val_bar), "met": not _short(report, cfg.val_bar),
                                 "epochs": cfg.epochs, "extra_epochs": extra}}
     if not report["bar"]["met"]:
         per_class = ", ".join(f"{k} {_fmt(v)}" for k, v in report["roc_auc"].items())
-        raise BarNotMet(f"{desc}: validation macro ROC AUC {_fmt(report['macro_roc_auc'])} is below the bar "
-                        f"{cfg.val_bar:.2f} after {cfg.epochs} + {extra} epochs (per class: {per_class}; accuracy "
-                        f"{_fmt(report['accuracy'])}; confusion matrix {report['confusion_matrix']}; "
-                        f"{report['n']} validation items)")
+        raise BarNotMet(f"{desc}: validation ROC AUC below the bar after {cfg.epochs} + {extra} epochs "
+                        f"({_shortfall(report, cfg.val_bar)}; macro {_fmt(report['macro_roc_auc'])}, per class: "
+                        f"{per_class}; accuracy {_fmt(report['accuracy'])}; confusion matrix "
+                        f"{report['confusion_matrix']}; {report['n']} validation items)")
     return history, report
 
 
-def _meets(report: dict, bar: float) -> bool:
-    return report["macro_roc_auc"] is not None and report["macro_roc_auc"] >= bar
+def _auc(report: dict, metric: str) -> float | None:
+    return report["macro_roc_auc"] if metric == "macro" else report["roc_auc"].get(metric)
+
+
+def _short(report: dict, bar: tuple[tuple[str, float], ...]) -> list[str]:
+    """The bar's metrics that are undefined or below their minimum."""
+    return [m for m, low in bar if _auc(report, m) is None or _auc(report, m) < low]
+
+
+def _shortfall(report: dict, bar: tuple[tuple[str, float], ...]) -> str:
+    return "; ".join(f"{m} {_fmt(_auc(report, m))} < {low:.2f}" for m, low in bar if m in _short(report, bar))
 
 
 def _fmt(value: float | None) -> str:
