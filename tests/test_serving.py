@@ -76,3 +76,18 @@ def test_management_api_cannot_register_models(torchserve):
     r = requests.post(f"{torchserve.management_url}/models", params={"url": "https://example.invalid/x.mar"},
                       headers=torchserve.auth_header("management"), timeout=30)
     assert r.status_code >= 400
+
+
+def test_describe_call_lists_the_methods_and_the_cards_quality(torchserve):
+    """TorchServe's customized describe reaches the engine: methods, defaults, and quality only if the card has it."""
+    r = requests.get(f"{torchserve.management_url}/models/ddsm", params={"customized": "true"},
+                     headers=torchserve.auth_header("management"), timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    (entry,) = r.json()
+    meta = entry["customizedMetadata"]
+    meta = json.loads(meta) if isinstance(meta, str) else meta
+    assert meta["api_version"] == "1" and meta["model"]["name"] == "ddsm"
+    assert {"cam", "gradcam", "saliency", "guided_backprop", "integrated_gradients", "occlusion"} == set(meta["methods"])
+    assert all(m["description"] for m in meta["methods"].values())
+    # the test archive was never evaluated with --card: no quality is claimed
+    assert not any("quality" in m for m in meta["methods"].values()) and meta["quality_source"] == {}
