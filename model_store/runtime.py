@@ -29,13 +29,16 @@ def make_deterministic(seed: int, threads: int) -> None:
     """Seed every generator, fix the intra-op thread count and ask torch for deterministic kernels.
 
     ``warn_only``: torch warns instead of raising for the few ops without a deterministic version.
-    The thread count matters on CPU too: reductions are split per thread.
+    The thread count matters on CPU too: reductions are split per thread. Filling uninitialised
+    memory with NaN (on by default with deterministic algorithms) only helps to find reads of
+    uninitialised memory and cost ~30 % CPU per ResNet-18 training step here: off.
     """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def cpu_info() -> dict:

@@ -88,12 +88,14 @@ def _steps(n: int, batch_size: int) -> int:
 def _deterministic(cfg: TrainConfig):
     """Deterministic settings for one training run; the caller's thread count and flag come back after."""
     threads, flag = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     make_deterministic(cfg.seed, cfg.threads)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(flag)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 def _fit(model: nn.Module, batches: Callable[[int], Iterable], steps_per_epoch: int, cfg: TrainConfig,
