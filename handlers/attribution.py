@@ -33,7 +33,7 @@ from captum.attr import (
 )
 from torch import nn
 
-from handlers.budget import CostInput
+from handlers.budget import CostInput, TooExpensive
 from handlers.errors import InputError
 from handlers.options import RequestOptions
 
@@ -161,7 +161,7 @@ class Occlusion2D(Attribution):
             raise InputError("bad_parameter", f"occlusion_size {size} is larger than the analysed image ({w}x{h})")
         passes = ((h - size) // stride + 1) * ((w - size) // stride + 1)
         if passes > MAX_OCCLUSION_PASSES_2D:
-            raise InputError("too_expensive", f"occlusion with size {size} / stride {stride} needs {passes} forward "
+            raise TooExpensive("too_expensive", f"occlusion with size {size} / stride {stride} needs {passes} forward "
                              f"passes (limit {MAX_OCCLUSION_PASSES_2D}); raise occlusion_stride or send a patch")
         return size, stride, passes
 

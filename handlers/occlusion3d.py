@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy.ndimage import maximum_filter, zoom
 
-from handlers.errors import InputError
+from handlers.budget import TooExpensive
 from model_store.models.adni import CHANNELS, POOL_SIZES, ClassificationModel3D
 
 DEFAULT_SIZE, DEFAULT_STRIDE = 40, 12  # the paper's figure (the seed's code defaults are 50 / 25)
@@ -58,7 +58,7 @@ def occluded_windows(shape: tuple[int, ...], size: int, stride: int,
     """The grid's windows that need a forward pass: those holding a brain voxel (all without a mask)."""
     grid = window_grid(shape, size, stride)
     if len(grid) > MAX_PASSES:
-        raise InputError("too_expensive", f"occlusion with stride {stride} needs {len(grid)} passes (limit {MAX_PASSES})")
+        raise TooExpensive("too_expensive", f"occlusion with stride {stride} needs {len(grid)} passes (limit {MAX_PASSES})")
     if brain_mask is None:
         return grid
     return [(idx, sl) for idx, sl in grid if brain_mask[sl].any()]
