@@ -62,7 +62,7 @@ class Budget:
         """Online: ``handler:`` keys of model-config.yaml; the row limit is the response limit / batch size."""
         limit = int(settings.get("max_response_size", DEFAULT_RESPONSE_LIMIT))
         key = "online_explain_budget" if online else "batch_explain_budget"
-        explain = settings.get(key, 150.0 if online else None)
+        explain = settings.get(key, 100.0 if online else None)
         row = int(settings.get("max_row_response_bytes", limit // max(1, batch_size))) if online else None
         return cls(online=online, max_aspect_ratio=float(settings.get("max_aspect_ratio", cls.max_aspect_ratio)),
                    max_analysed_pixels=int(settings.get("max_analysed_pixels", cls.max_analysed_pixels)),
