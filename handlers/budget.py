@@ -5,8 +5,8 @@ Three budgets, all configurable under ``handler:`` in the model's ``model-config
   a long, thin image would resize to hundreds of megapixels, so its aspect ratio is capped too;
 - explanation cost: every method declares its cost in forward-pass equivalents x analysed size
   (a backward pass counts as two forwards); the online path refuses a request above
-  ``online_explain_budget`` with ``too_expensive`` and names settings that fit. Batch jobs have
-  no limit unless ``batch_explain_budget`` is set;
+  ``online_explain_budget`` with ``too_expensive`` and names settings that fit. Batch jobs
+  (``Budget()``, the engine's default) have no cost limit;
 - response size: estimated from the number and size of the maps before they are computed, so that
   one row, and therefore a whole dynamic batch of ``batchSize`` rows, stays under the frontend's
   ``max_response_size``. The adapter checks the real encoded size again before returning a row.
