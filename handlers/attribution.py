@@ -33,6 +33,7 @@ from captum.attr import (
 )
 from torch import nn
 
+from handlers.budget import CostInput, TooExpensive
 from handlers.errors import InputError
 from handlers.options import RequestOptions
 
@@ -74,14 +75,24 @@ def _to_numpy(attr: torch.Tensor) -> np.ndarray:
 class Attribution(ABC):
     name: str
     description: str
-    online: bool = True  # cheap enough for the synchronous REST/gRPC path at default settings
+    online: bool = True  # offered on the synchronous REST/gRPC path (within the budget, handlers/budget.py)
+    cost_passes: float = 3.0  # forward-pass equivalents at the analysed size: a forward + a backward (2x)
 
     @abstractmethod
     def attribute(self, ctx: ExplainContext, target: int, options: RequestOptions) -> np.ndarray: ...
 
+    def passes(self, cost: CostInput, options: RequestOptions) -> float:
+        """Declared cost, checked against the budget before the forward pass."""
+        return self.cost_passes
+
+    def fitting(self, cost: CostInput, options: RequestOptions, allowed: float) -> str | None:
+        """A setting of this method that costs at most ``allowed`` passes, for the too_expensive message."""
+        return None
+
 
 class CAM(Attribution):
     name, description = "cam", "class activation map: sum_u fc.weight[c,u] x layer4 map u, upsampled"
+    cost_passes = 0.0  # reuses the forward pass's feature map
 
     def attribute(self, ctx, target, options):
         assert ctx.feature_map is not None and ctx.class_weights is not None
@@ -91,6 +102,7 @@ class CAM(Attribution):
 
 class GradCAM(Attribution):
     name, description = "gradcam", "Grad-CAM on the last conv block (Captum LayerGradCam, pre-softmax score), ReLU, upsampled"
+    cost_passes = 2.0  # a forward, and a backward only down to the explained layer
 
     def attribute(self, ctx, target, options):
         layer_attr = LayerGradCam(ctx.gradcam_model, ctx.explained_layer).attribute(
@@ -122,6 +134,13 @@ class GuidedBackpropagation(Attribution):
 class IntegratedGrads(Attribution):
     name, description = "integrated_gradients", "integrated gradients from a zero baseline (Captum)"
 
+    def passes(self, cost, options):
+        return self.cost_passes * options.ig_steps
+
+    def fitting(self, cost, options, allowed):
+        steps = int(allowed // self.cost_passes)
+        return f"ig_steps<={steps}" if steps >= 2 else None
+
     def attribute(self, ctx, target, options):
         ig = IntegratedGradients(ctx.score_model)
         attr = ig.attribute(ctx.inputs, baselines=torch.zeros_like(ctx.inputs), target=target,
@@ -132,16 +151,33 @@ class IntegratedGrads(Attribution):
 class Occlusion2D(Attribution):
     name, description = "occlusion", "occlusion: score drop when a square is set to 0 (Captum Occlusion)"
 
-    def attribute(self, ctx, target, options):
-        h, w = ctx.spatial
+    @staticmethod
+    def geometry(spatial: tuple[int, ...], options: RequestOptions) -> tuple[int, int, int]:
+        """(size, stride, forward passes); refuses a window larger than the image or too many passes."""
+        h, w = spatial
         size = options.occlusion_size or max(8, min(h, w) // 8)
         stride = options.occlusion_stride or max(4, size // 2)
-        passes = ((h - size) // stride + 1) * ((w - size) // stride + 1)
         if size > min(h, w):
-            raise InputError("bad_parameter", f"occlusion_size {size} is larger than the image ({w}x{h})")
+            raise InputError("bad_parameter", f"occlusion_size {size} is larger than the analysed image ({w}x{h})")
+        passes = ((h - size) // stride + 1) * ((w - size) // stride + 1)
         if passes > MAX_OCCLUSION_PASSES_2D:
-            raise InputError("too_expensive", f"occlusion with size {size} / stride {stride} needs {passes} forward "
+            raise TooExpensive("too_expensive", f"occlusion with size {size} / stride {stride} needs {passes} forward "
                              f"passes (limit {MAX_OCCLUSION_PASSES_2D}); raise occlusion_stride or send a patch")
+        return size, stride, passes
+
+    def passes(self, cost, options):
+        return self.geometry(cost.spatial, options)[2] + 1
+
+    def fitting(self, cost, options, allowed):
+        h, w = cost.spatial
+        size = self.geometry(cost.spatial, options)[0]
+        for stride in range(max(1, options.occlusion_stride or 1), size + 1):
+            if ((h - size) // stride + 1) * ((w - size) // stride + 1) + 1 <= allowed:
+                return f"occlusion_stride>={stride} (size {size})"
+        return "a 227x227 patch for occlusion"
+
+    def attribute(self, ctx, target, options):
+        size, stride, _ = self.geometry(ctx.spatial, options)
         attr = Occlusion(ctx.score_model).attribute(ctx.inputs, sliding_window_shapes=(1, size, size),
                                                    strides=(1, stride, stride), baselines=0, target=target,
                                                    perturbations_per_eval=8)
@@ -152,6 +188,9 @@ class AreaOcclusion(Attribution):
     """Probability drop when a whole atlas region is set to 0 (Captum FeatureAblation over the atlas)."""
 
     name, description = "area_occlusion", "area occlusion: probability drop per atlas region set to 0, clipped at 0"
+
+    def passes(self, cost, options):
+        return cost.n_regions + 1
 
     def attribute(self, ctx, target, options):
         if ctx.atlas_labels is None:

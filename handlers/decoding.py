@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import nibabel as nib
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from handlers import dicom
 from handlers.errors import InputError, PayloadTooLarge, UnsupportedMediaType
 
 MAX_IMAGE_PIXELS = 60_000_000  # a 16-bit FFDM is ~4k x 6k = 24 MP; beyond this is a bomb, not a mammogram
@@ -23,6 +24,7 @@ MAX_IMAGE_SIDE = 16_384
 MIN_IMAGE_SIDE = 32
 MAX_VOLUME_VOXELS = 64_000_000  # 1 mm whole head at 400^3; the model grid is 8.5 M voxels
 MAX_DECOMPRESSED_BYTES = 512 * 1024 * 1024
+MAX_DICOM_INFLATED = 2 * MAX_IMAGE_PIXELS + (16 << 20)  # 16-bit pixels of the largest image + header
 
 
 @dataclass
@@ -83,19 +85,25 @@ def _check_size(height: int, width: int) -> None:
 
 
 def _decode_pil(data: bytes, kind: str) -> Image2D:
+    """PIL bounds its own inflation (PNG text chunks, TIFF strips) by the declared size checked first."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             _check_size(img.height, img.width)  # header only: nothing decoded yet
+            if getattr(img, "n_frames", 1) != 1:
+                raise InputError("unsupported_image", f"multi-frame {kind.upper()} files are not supported: "
+                                 "send one image per request")
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PayloadTooLarge("image_too_large", f"the {kind.upper()} header declares more than "
                               f"{MAX_IMAGE_PIXELS} pixels") from None
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise InputError("corrupt_image", f"could not decode the {kind.upper()} image: {err}") from None
+    except MemoryError:
+        raise PayloadTooLarge("image_too_large", f"the {kind.upper()} image does not fit in memory") from None
+    except Exception:  # noqa: BLE001 -- PIL raises many types for broken files; its text is not for clients
+        raise InputError("corrupt_image", f"could not decode the {kind.upper()} image") from None
     mode = img.mode
     if mode == "F":  # float TIFF: no fixed range, so scale min..max like DICOM
         arr = _finite(np.asarray(img, dtype=np.float32))
@@ -107,39 +115,38 @@ def _decode_pil(data: bytes, kind: str) -> Image2D:
         arr = arr / 65535.0
     else:
         if mode not in ("L", "LA", "P", "RGB", "RGBA", "1"):
-            raise InputError("unsupported_pixel_type", f"unsupported {kind.upper()} pixel mode {mode}")
+            raise InputError("unsupported_pixel_type", f"unsupported {kind.upper()} pixel mode")
         arr = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
         bits = 8
     return Image2D(pixels=_finite(np.clip(arr, 0.0, 1.0)), source_format=kind, bits=bits)
 
 
 def _decode_dicom(data: bytes) -> Image2D:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError("corrupt_dicom", f"could not parse the DICOM file: {type(err).__name__}") from None
-    if "PixelData" not in ds:
-        raise InputError("dicom_without_pixels", "the DICOM file has no pixel data")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    ds = dicom.read_dataset(data, MAX_DICOM_INFLATED)
+    rows, cols = dicom.int_attribute(ds, "Rows"), dicom.int_attribute(ds, "Columns")
     _check_size(rows, cols)
-    if int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1)) != 1:
+    if dicom.int_attribute(ds, "NumberOfFrames", 1) != 1 or dicom.int_attribute(ds, "SamplesPerPixel", 1) != 1:
         raise InputError("unsupported_dicom", "only single-frame greyscale DICOM images are supported")
+    bits = dicom.int_attribute(ds, "BitsStored", 16)
+    dicom.check_codestream(ds, rows, cols)  # before the decoder allocates what the codestream claims
     try:
         raw = ds.pixel_array
         arr = apply_voi_lut(apply_modality_lut(raw, ds), ds).astype(np.float32)
-    except Exception as err:  # noqa: BLE001 -- pydicom raises many types for broken or undecodable pixel data
-        raise InputError("corrupt_dicom", f"could not decode DICOM pixel data "
-                         f"(transfer syntax {ds.file_meta.get('TransferSyntaxUID', '?')}): {type(err).__name__}") from None
+    except MemoryError:
+        raise PayloadTooLarge("image_too_large", "the DICOM pixel data does not fit in memory") from None
+    except Exception:  # noqa: BLE001 -- pydicom raises many types for broken or undecodable pixel data
+        raise InputError("corrupt_dicom", f"could not decode DICOM pixel data (transfer syntax "
+                         f"{dicom.transfer_syntax_name(ds)})") from None
+    if arr.shape != (rows, cols):
+        raise InputError("corrupt_dicom", "the DICOM pixel data does not match Rows x Columns")
     arr = _finite(arr)
     lo, hi = float(arr.min()), float(arr.max())
     arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")) == "MONOCHROME1":
+    if dicom.text_attribute(ds, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         arr = 1.0 - arr  # MONOCHROME1: high values are dark
-    return Image2D(pixels=arr, source_format="dicom", bits=int(ds.get("BitsStored", 16)))
+    return Image2D(pixels=arr, source_format="dicom", bits=bits)
 
 
 def _finite(arr: np.ndarray) -> np.ndarray:
@@ -162,18 +169,22 @@ def decode_volume(data: bytes) -> Volume:
     try:
         img = nib.Nifti1Image.from_bytes(data)
         shape = img.shape
-    except Exception as err:  # noqa: BLE001 -- nibabel raises several types for malformed headers
-        raise InputError("corrupt_nifti", f"could not parse the NIfTI header: {err}") from None
+    except Exception:  # noqa: BLE001 -- nibabel raises several types for malformed headers
+        raise InputError("corrupt_nifti", "could not parse the NIfTI header") from None
     shape3 = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
     if len(shape3) != 3:
-        raise InputError("wrong_dimensions", f"expected a 3D volume, got shape {tuple(shape)}")
+        raise InputError("wrong_dimensions", f"expected a 3D volume, got {len(shape3)} non-trivial dimensions")
     if int(np.prod(shape3)) > MAX_VOLUME_VOXELS:
         raise PayloadTooLarge("volume_too_large", f"volume of shape {shape3} exceeds {MAX_VOLUME_VOXELS} voxels")
+    if min(shape3) < 2:
+        raise InputError("wrong_dimensions", "every axis of the volume needs at least 2 voxels")
     try:
         arr = np.asarray(img.dataobj, dtype=np.float32).reshape(shape3)
-    except Exception as err:  # noqa: BLE001 -- truncated or inconsistent voxel data, any of several types
-        raise InputError("corrupt_nifti", f"could not read the NIfTI voxel data: {err}") from None
-    affine = img.affine
+        affine = img.affine
+    except MemoryError:
+        raise PayloadTooLarge("volume_too_large", "the NIfTI voxel data does not fit in memory") from None
+    except Exception:  # noqa: BLE001 -- truncated or inconsistent voxel data, any of several types
+        raise InputError("corrupt_nifti", "could not read the NIfTI voxel data") from None
     if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
         raise InputError("bad_affine", "the NIfTI file has no usable voxel-to-world affine")
     return Volume(data=_finite(arr), affine=np.asarray(affine, dtype=np.float64))
@@ -188,6 +199,6 @@ def _gunzip(data: bytes) -> bytes:
                 out.write(chunk)
                 if out.tell() > MAX_DECOMPRESSED_BYTES:
                     raise PayloadTooLarge("volume_too_large", "the gzip stream inflates beyond the size limit")
-    except (OSError, EOFError, zlib.error) as err:  # BadGzipFile is an OSError
-        raise InputError("corrupt_gzip", f"could not decompress the gzip data: {err}") from None
+    except (OSError, EOFError, zlib.error):  # BadGzipFile is an OSError
+        raise InputError("corrupt_gzip", "could not decompress the gzip data") from None
     return out.getvalue()

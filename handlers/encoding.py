@@ -18,16 +18,22 @@ import numpy as np
 from PIL import Image
 
 
+def finite(values: np.ndarray) -> np.ndarray:
+    """float32 with NaN/inf set to 0: a map never carries non-finite values (nor its scale)."""
+    return np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _scale(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> tuple[np.ndarray, float, float]:
-    lo = float(values.min()) if lo is None else lo
-    hi = float(values.max()) if hi is None else hi
+    values = finite(values)
+    lo = float(values.min()) if lo is None or not np.isfinite(lo) else lo
+    hi = float(values.max()) if hi is None or not np.isfinite(hi) else hi
     span = hi - lo if hi > lo else 1.0
     q = np.clip(np.rint((values - lo) / span * 255.0), 0, 255).astype(np.uint8)
     return q, lo, hi
 
 
 def encode_2d(values: np.ndarray, encoding: str, lo: float | None = None, hi: float | None = None) -> dict:
-    values = np.asarray(values, dtype=np.float32)
+    values = finite(values)
     if encoding == "float16":
         return {"encoding": "float16", "shape": list(values.shape), "dtype": "<f2",
                 "data": base64.b64encode(values.astype("<f2").tobytes()).decode()}
@@ -49,7 +55,7 @@ def decode_2d(encoded: dict) -> np.ndarray:
 
 
 def encode_3d(values: np.ndarray, affine: np.ndarray) -> dict:
-    values = np.asarray(values, dtype=np.float32)
+    values = finite(values)
     q, lo, hi = _scale(values)
     img = nib.Nifti1Image(q, affine)
     img.header.set_slope_inter((hi - lo) / 255.0 if hi > lo else 1.0, lo)

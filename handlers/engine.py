@@ -29,10 +29,12 @@ from handlers.attribution import (
     UnitMaps,
     mri_methods,
 )
+from handlers.budget import Budget, CostInput
 from handlers.decoding import decode_image, decode_volume
 from handlers.encoding import encode_2d, encode_3d
-from handlers.errors import InputError, ServerError
+from handlers.errors import InputError, as_row_error
 from handlers.features import ItemFeatures, extract_features
+from handlers.finite import finite_json
 from handlers.options import RequestOptions, parse_options
 from handlers.regions import region_relevance
 from handlers.units import rank_units
@@ -86,6 +88,7 @@ class Engine(ABC):
             if isinstance(module, nn.ReLU):
                 module.inplace = False
         self.archive_digest = archive_digest
+        self.budget = Budget()  # batch defaults; the online adapter installs the serving budget
 
     @staticmethod
     def from_model_dir(model_dir: Path) -> Engine:
@@ -121,34 +124,76 @@ class Engine(ABC):
         return [r if isinstance(r, InputError) else r[0] for r in self.run_with_features(requests)]
 
     def run_with_features(self, requests: list[EngineRequest]) -> list[tuple[dict, ItemFeatures] | InputError]:
-        """:meth:`run` plus each item's :class:`ItemFeatures` (the batch job's entry: same code path)."""
-        prepared: list[Prepared | InputError] = []
-        for req in requests:
+        """:meth:`run` plus each item's :class:`ItemFeatures` (the batch job's entry: same code path).
+
+        Every stage is isolated per item: whatever one item raises (options, decoding, budgets, the
+        batched forward, explaining, encoding) becomes that item's error and the others go on. A
+        failed batched forward is retried item by item, so only the guilty item fails.
+        """
+        results: list[tuple[dict, ItemFeatures] | InputError | None] = [None] * len(requests)
+        prepared: dict[int, Prepared] = {}
+        for i, req in enumerate(requests):
+            stage = "options"
             try:
                 options = parse_options(req.params, self.bundle.class_names, self.methods, self.default_methods,
                                         self.model.num_units)
-                prepared.append(self.prepare(req.payload, options))
-            except InputError as err:
-                prepared.append(err)
-            except Exception:  # one undecodable item must not fail its whole batch
-                log.exception("unexpected error while preparing an input")
-                prepared.append(ServerError("internal_error", "the input could not be processed; the error was logged"))
-        results: list[tuple[dict, ItemFeatures] | InputError] = list(prepared)  # type: ignore[arg-type]
-        for mode in sorted({p.mode for p in prepared if isinstance(p, Prepared)}):
-            idx = [i for i, p in enumerate(prepared) if isinstance(p, Prepared) and p.mode == mode]
-            forwards = self.forward(mode, [prepared[i] for i in idx])  # type: ignore[misc]
-            for i, fwd in zip(idx, forwards):
+                stage = "decode"
+                item = self.prepare(req.payload, options)
+                stage = "budget"
+                self.check_budget(item)
+                prepared[i] = item
+            except Exception as err:  # noqa: BLE001 -- one undecodable item must not fail its whole batch
+                results[i] = as_row_error(err, stage, log)
+        for mode in sorted({p.mode for p in prepared.values()}):
+            idx = [i for i, p in prepared.items() if p.mode == mode]
+            for i, fwd in self._forward_isolated(mode, idx, prepared, results):
                 try:
                     item = prepared[i]
-                    results[i] = (self.respond(item, fwd),  # type: ignore[arg-type]
-                                  extract_features(fwd.feature_map, item.inputs, self.peak_window,  # type: ignore[union-attr]
-                                                   self.unit_class_weights, fwd.class_map))
-                except InputError as err:
-                    results[i] = err
-                except Exception:  # isolate the item, keep the batch and the worker
-                    log.exception("unexpected error while explaining an input")
-                    results[i] = ServerError("internal_error", "the explanation failed; the error was logged")
-        return results
+                    response = finite_json(self.respond(item, fwd))
+                    results[i] = (response, extract_features(fwd.feature_map, item.inputs, self.peak_window,
+                                                             self.unit_class_weights, fwd.class_map))
+                except Exception as err:  # noqa: BLE001 -- isolate the item, keep the batch and the worker
+                    results[i] = as_row_error(err, "explain", log)
+        return results  # type: ignore[return-value]
+
+    def _forward_isolated(self, mode: str, idx: list[int], prepared: dict[int, Prepared],
+                          results: list) -> list[tuple[int, Forward]]:
+        """The batched forward; if it fails, each item alone, so one bad item cannot fail its neighbours."""
+        try:
+            return list(zip(idx, self.forward(mode, [prepared[i] for i in idx]), strict=True))
+        except Exception as err:  # noqa: BLE001 -- isolated to its row (handlers/errors.as_row_error)
+            if len(idx) == 1:
+                results[idx[0]] = as_row_error(err, "forward", log)
+                return []
+            log.warning("batched forward of %d items failed (%s): retrying one by one", len(idx), type(err).__name__)
+        out = []
+        for i in idx:
+            try:
+                out.append((i, self.forward(mode, [prepared[i]])[0]))
+            except Exception as err:  # noqa: BLE001 -- isolated to its row (handlers/errors.as_row_error)
+                results[i] = as_row_error(err, "forward", log)
+        return out
+
+    def check_budget(self, item: Prepared) -> None:
+        """Explanation cost and response size, before the forward pass (handlers/budget.py)."""
+        options = item.options
+        self.budget.check_cost(self.methods, options, self.cost_input(item))
+        n_maps = len(options.explain) + (options.top_k if options.unit_maps else 0)
+        self.budget.check_response(n_maps, self.output_elements(item), self.map_encoding(options),
+                                   self.region_rows(options))
+
+    def cost_input(self, item: Prepared) -> CostInput:
+        return CostInput(spatial=tuple(item.inputs.shape[2:]))
+
+    def output_elements(self, item: Prepared) -> int:
+        """Elements of one returned map (maps come back on the sent input's grid)."""
+        return int(np.prod(item.inputs.shape[2:]))
+
+    def map_encoding(self, options: RequestOptions) -> str:
+        return options.encoding
+
+    def region_rows(self, options: RequestOptions) -> int:
+        return 0
 
     def respond(self, item: Prepared, fwd: Forward) -> dict:
         names = self.bundle.class_names
@@ -268,6 +313,7 @@ class DDSMEngine(Engine):
             return Prepared(torch.from_numpy(image.pixels)[None, None], "patch", options, {**meta, "mode": "patch"})
         scale = FULL_IMAGE_SHORT_SIDE / min(h, w)
         size = (max(PATCH_SIZE, round(w * scale)), max(PATCH_SIZE, round(h * scale)))
+        self.budget.check_image(h, w, (size[1], size[0]))  # before the resize allocates it
         resized = np.array(Image.fromarray(image.pixels).resize(size, Image.BILINEAR), dtype=np.float32)
         return Prepared(torch.from_numpy(resized)[None, None], "full", options,
                         {**meta, "mode": "full_image", "analysed_size": [size[1], size[0]]})
@@ -306,6 +352,9 @@ class DDSMEngine(Engine):
         index = 0 if score < threshold else 1 + int(torch.argmax(lesion))
         return {"label_index": index, "rule": "lesion_score >= threshold", "lesion_score": score,
                 "threshold": float(threshold)}
+
+    def output_elements(self, item: Prepared) -> int:
+        return int(item.meta["height"]) * int(item.meta["width"])
 
     def explain_context(self, item: Prepared, fwd: Forward) -> ExplainContext:
         return ExplainContext(score_model=self.scores[item.mode], explained_layer=self.model.layer4,
@@ -383,13 +432,32 @@ class ADNIEngine(Engine):
         probs = torch.softmax(self.model.head(fmap), dim=1).numpy()
         return [Forward(p, f.clone()) for p, f in zip(probs, fmap)]
 
+    @property
+    def voxel_mm(self) -> float:
+        return float(np.abs(np.linalg.det(self.prep.affine[:3, :3])) ** (1 / 3))
+
+    def cost_input(self, item: Prepared) -> CostInput:
+        atlas = self.bundle.atlas
+        return CostInput(spatial=tuple(item.inputs.shape[2:]), brain_mask=self.prep.brain_mask,
+                         n_regions=0 if atlas is None else len(atlas.regions), voxel_mm=self.voxel_mm)
+
+    def output_elements(self, item: Prepared) -> int:
+        return int(np.prod(item.meta["shape"]))
+
+    def map_encoding(self, options: RequestOptions) -> str:
+        return "nifti.gz"
+
+    def region_rows(self, options: RequestOptions) -> int:
+        atlas = self.bundle.atlas
+        return 0 if atlas is None else len(atlas.regions) * len(options.explain)
+
     def explain_context(self, item: Prepared, fwd: Forward) -> ExplainContext:
         atlas = self.bundle.atlas
         return ExplainContext(score_model=self.score, logit_model=self.model, explained_layer=self.model.relu_4,
                               inputs=item.inputs.clone(),
                               feature_map=fwd.feature_map, brain_mask=self.prep.brain_mask,
                               atlas_labels=None if atlas is None else atlas.labels,
-                              voxel_mm=float(np.abs(np.linalg.det(self.prep.affine[:3, :3])) ** (1 / 3)))
+                              voxel_mm=self.voxel_mm)
 
     def unit_scores(self, ctx, fwd, target):
         """Grad-CAM weights of the target logit: only the cheap head (pool + dense layers) is differentiated."""

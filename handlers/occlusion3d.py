@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.ndimage import zoom
+from scipy.ndimage import maximum_filter, zoom
 
-from handlers.errors import InputError
+from handlers.budget import TooExpensive
 from model_store.models.adni import CHANNELS, POOL_SIZES, ClassificationModel3D
 
 DEFAULT_SIZE, DEFAULT_STRIDE = 40, 12  # the paper's figure (the seed's code defaults are 50 / 25)
@@ -58,7 +58,7 @@ def occluded_windows(shape: tuple[int, ...], size: int, stride: int,
     """The grid's windows that need a forward pass: those holding a brain voxel (all without a mask)."""
     grid = window_grid(shape, size, stride)
     if len(grid) > MAX_PASSES:
-        raise InputError("too_expensive", f"occlusion with stride {stride} needs {len(grid)} passes (limit {MAX_PASSES})")
+        raise TooExpensive("too_expensive", f"occlusion with stride {stride} needs {len(grid)} passes (limit {MAX_PASSES})")
     if brain_mask is None:
         return grid
     return [(idx, sl) for idx, sl in grid if brain_mask[sl].any()]
@@ -295,14 +295,53 @@ def occlusion_map(model: ClassificationModel3D, volume: torch.Tensor, target: in
     return relevance_map(shape, stride, windows, incremental_drops(model, volume, target, windows, batch_size))
 
 
+def brain_hits(shape: tuple[int, ...], size: int, brain_mask: np.ndarray | None) -> np.ndarray | None:
+    """Voxels whose cube holds a brain voxel: the mask dilated by the cube (scipy's even-size maximum
+    filter spans [c - size//2, c + size//2), the seed's cube)."""
+    if brain_mask is None:
+        return None
+    return maximum_filter(brain_mask.astype(np.uint8), size=max(1, 2 * (size // 2)), mode="constant")
+
+
+def window_count(shape: tuple[int, ...], stride: int, hits: np.ndarray | None) -> int:
+    """How many windows ``occluded_windows`` returns, without building them (all grid windows past MAX_PASSES)."""
+    grid = int(np.prod([len(range(0, n, stride)) for n in shape]))
+    if hits is None or grid > MAX_PASSES:
+        return grid
+    return int(hits[tuple(slice(0, n, stride) for n in shape)].sum())
+
+
+def incremental_fraction(shape: tuple[int, ...], size: int) -> float:
+    """Share of a full forward pass one window costs by incremental inference: its box in the first block."""
+    return float(max(0.01, np.prod([min(1.0, (min(size, n) + 2 * (KERNEL - 1)) / n) for n in shape])))
+
+
 class Occlusion3D:
     name = "occlusion"
     description = "occlusion (seed semantics): probability drop when a cube is set to 0, clipped at 0; windows outside the brain skipped"
     online = True
 
-    def attribute(self, ctx, target, options) -> np.ndarray:
+    @staticmethod
+    def settings(voxel_mm: float, options) -> tuple[int, int]:
         # Defaults are the seed's millimetres (its grid was 1 mm); on a coarser grid they shrink in voxels.
-        size = options.occlusion_size or max(1, round(DEFAULT_SIZE / ctx.voxel_mm))
-        stride = options.occlusion_stride or max(1, round(DEFAULT_STRIDE / ctx.voxel_mm))
+        size = options.occlusion_size or max(1, round(DEFAULT_SIZE / voxel_mm))
+        stride = options.occlusion_stride or max(1, round(DEFAULT_STRIDE / voxel_mm))
+        return size, stride
+
+    def passes(self, cost, options) -> float:
+        size, stride = self.settings(cost.voxel_mm, options)
+        windows = window_count(cost.spatial, stride, brain_hits(cost.spatial, size, cost.brain_mask))
+        return 1.0 + windows * incremental_fraction(cost.spatial, size)
+
+    def fitting(self, cost, options, allowed) -> str | None:
+        size, stride = self.settings(cost.voxel_mm, options)
+        hits, per_window = brain_hits(cost.spatial, size, cost.brain_mask), incremental_fraction(cost.spatial, size)
+        for wider in range(stride, 257):
+            if 1.0 + window_count(cost.spatial, wider, hits) * per_window <= allowed:
+                return f"occlusion_stride>={wider} (size {size})"
+        return None
+
+    def attribute(self, ctx, target, options) -> np.ndarray:
+        size, stride = self.settings(ctx.voxel_mm, options)
         model = ctx.score_model.model  # the raw logits model; softmax is applied here
         return occlusion_map(model, ctx.inputs, target, size, stride, ctx.brain_mask)

@@ -7,6 +7,9 @@ rejected so a typo ("explian") is an error, not a silently ignored option.
 
 from __future__ import annotations
 
+import difflib
+import math
+import re
 from dataclasses import dataclass
 
 from handlers.errors import InputError
@@ -27,13 +30,21 @@ class RequestOptions:
 
 
 _FIELDS = set(RequestOptions.__dataclass_fields__) | {"k"}
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,9}")
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no", "")
+MAX_METHOD_NAMES = 32
 
 
 def parse_options(params: dict, class_names: list[str], methods: dict[str, object], default_methods: tuple[str, ...],
                   num_units: int) -> RequestOptions:
-    unknown = set(params) - _FIELDS
+    """Any JSON type in any field is checked here; messages name the field and what it takes, never the value."""
+    if not isinstance(params, dict):
+        raise InputError("bad_params", "parameters must be a JSON object of name: value")
+    unknown = [name for name in params if name not in _FIELDS]
     if unknown:
-        raise InputError("unknown_parameter", f"unknown parameter(s) {sorted(unknown)}; allowed: {sorted(_FIELDS)}")
+        hint = _close_match(unknown[0])
+        raise InputError("unknown_parameter", f"{len(unknown)} unknown parameter name(s){hint}; "
+                         f"allowed: {', '.join(sorted(_FIELDS))}")
     top_k = _int(params.get("top_k", params.get("k", 8)), "top_k", 0, num_units)
     return RequestOptions(
         top_k=top_k,
@@ -47,55 +58,73 @@ def parse_options(params: dict, class_names: list[str], methods: dict[str, objec
     )
 
 
+def _close_match(name) -> str:
+    match = difflib.get_close_matches(name, sorted(_FIELDS), n=1) if isinstance(name, str) and len(name) < 64 else []
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
 def _int(value, name: str, lo: int, hi: int) -> int:
-    try:
+    """int, integral finite float, or decimal text; never a bool (JSON true is not 1 here)."""
+    number: int | None = None
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
         number = int(value)
-        if isinstance(value, float) and number != value:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise InputError("bad_parameter", f"{name} must be an integer, got {value!r}") from None
-    if not lo <= number <= hi:
-        raise InputError("bad_parameter", f"{name} must be between {lo} and {hi}, got {number}")
+    elif isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        number = int(value.strip())
+    if number is None or not lo <= number <= hi:
+        raise InputError("bad_parameter", f"{name} must be an integer from {lo} to {hi}")
     return number
 
 
 def _optional_int(value, name: str, lo: int, hi: int) -> int | None:
-    return None if value in (None, "") else _int(value, name, lo, hi)
+    return None if value is None or value == "" else _int(value, name, lo, hi)
 
 
 def _bool(value, name: str) -> bool:
     if isinstance(value, bool):
         return value
-    if str(value).lower() in ("1", "true", "yes"):
-        return True
-    if str(value).lower() in ("0", "false", "no", ""):
-        return False
-    raise InputError("bad_parameter", f"{name} must be true or false, got {value!r}")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise InputError("bad_parameter", f"{name} must be true or false")
 
 
 def _choice(value, name: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise InputError("bad_parameter", f"{name} must be one of {list(allowed)}, got {value!r}")
+    if not isinstance(value, str) or value not in allowed:
+        raise InputError("bad_parameter", f"{name} must be one of {', '.join(allowed)}")
     return value
 
 
 def _target(value, class_names: list[str]) -> int | None:
-    if value in (None, ""):
+    if value is None or value == "":
         return None
     if isinstance(value, str) and value in class_names:
         return class_names.index(value)
+    if isinstance(value, str) and not _INT_TEXT.fullmatch(value.strip()):
+        raise InputError("bad_parameter", f"target must be a class name ({', '.join(class_names)}) or index")
     return _int(value, "target", 0, len(class_names) - 1)
 
 
 def _methods(value, methods: dict[str, object], default: tuple[str, ...]) -> tuple[str, ...]:
-    if value in (None, "", [], False):
+    if value is None or value is False or value == "" or value == []:
         return ()
     if value == "default":
         return default
-    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
-    if not all(isinstance(n, str) for n in names):
-        raise InputError("bad_parameter", "explain must be a list of method names")
+    if isinstance(value, str):
+        names = [v.strip() for v in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        names = [v.strip() for v in value]
+    else:
+        raise InputError("bad_parameter", "explain must be a method name, a comma-separated list or a list of names")
+    names = [n for n in names if n]
+    if len(names) > MAX_METHOD_NAMES:
+        raise InputError("bad_parameter", f"explain names more than {MAX_METHOD_NAMES} methods")
     unknown = [n for n in names if n not in methods]
     if unknown:
-        raise InputError("unknown_method", f"unknown explanation method(s) {unknown}; available: {sorted(methods)}")
+        raise InputError("unknown_method", f"{len(unknown)} unknown explanation method(s); "
+                         f"available: {', '.join(sorted(methods))}")
     return tuple(dict.fromkeys(names))

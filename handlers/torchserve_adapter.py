@@ -15,41 +15,62 @@ from pathlib import Path
 
 import torch
 
+from handlers.budget import Budget
 from handlers.engine import Engine, EngineRequest
-from handlers.errors import InputError
+from handlers.errors import InputError, as_row_error
 
 log = logging.getLogger(__name__)
 PAYLOAD_FIELDS = ("data", "file", "image", "volume", "body")
 
 
 def parse_row(row: dict, explain_header: bool = False) -> EngineRequest:
-    """Accept a raw body, multipart fields, or a JSON body ``{"data": base64, ...params}``."""
+    """Accept a raw body, multipart fields / gRPC inputs, or a JSON body ``{"data": base64, ...params}``.
+
+    Any JSON type may arrive in any field; parameters are only collected here and typed by
+    ``parse_options``. Text must be UTF-8; the file itself is bytes and is not decoded here.
+    """
+    if not isinstance(row, dict):
+        raise InputError("bad_request", "the request could not be read")
     params: dict = {}
     payload = None
     body = row.get("body")
     if isinstance(body, dict):  # JSON body, already parsed by TorchServe
-        params.update({k: v for k, v in body.items() if k != "data"})
+        params.update({k: v for k, v in body.items() if k not in ("data", "params")})
+        if "params" in body:
+            params.update(_json_params(body["params"]))
         payload = _b64(body.get("data"))
+    elif body is not None and not isinstance(body, (bytes, bytearray, str)):
+        raise InputError("bad_json_body", 'a JSON body must be an object {"data": "<base64 file>", ...parameters}')
     else:
         for name in PAYLOAD_FIELDS:
             if row.get(name) is not None:
                 payload = row[name]
                 break
-        if isinstance(row.get("params"), (bytes, bytearray, str)):
+        if row.get("params") is not None:
             params.update(_json_params(row["params"]))
-        for key, value in row.items():  # remaining multipart fields / query parameters
+        for key, value in row.items():  # remaining multipart fields / gRPC inputs
             if key not in PAYLOAD_FIELDS and key != "params":
-                params[key] = value.decode() if isinstance(value, (bytes, bytearray)) else value
+                params[key] = _text(value, key) if isinstance(value, (bytes, bytearray)) else value
     if isinstance(payload, str):
-        payload = payload.encode("latin-1")
+        payload = payload.encode("utf-8")  # TorchServe decoded a text/* body as UTF-8: restore its bytes
     if isinstance(payload, bytearray):
         payload = bytes(payload)
+    if isinstance(payload, (dict, list, int, float)) and not isinstance(payload, bool):
+        raise InputError("bad_payload", "the file must be sent as bytes (a raw body or multipart field 'data'), "
+                         "or base64 in a JSON body")
     if not isinstance(payload, bytes) or not payload:
         raise InputError("empty_body", "no input file found: send the file as the request body, a multipart "
                          "field named 'data', or JSON {\"data\": <base64>}")
     if explain_header:
         params.setdefault("explain", params.get("explain") or "default")
     return EngineRequest(payload=payload, params=params)
+
+
+def _text(value: bytes | bytearray, field: str) -> str:
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError("bad_parameter", "parameter values must be UTF-8 text") from None
 
 
 def _b64(value) -> bytes | None:
@@ -64,13 +85,21 @@ def _b64(value) -> bytes | None:
 
 
 def _json_params(raw) -> dict:
+    if isinstance(raw, dict):
+        return raw
     try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        value = json.loads(raw) if isinstance(raw, (bytes, bytearray, str)) else None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # JSONDecodeError is a ValueError
         raise InputError("bad_params", "field 'params' must be a JSON object") from None
     if not isinstance(value, dict):
         raise InputError("bad_params", "field 'params' must be a JSON object")
     return value
+
+
+def encode_row(result: dict | InputError) -> bytes:
+    """Strict JSON (no NaN: ``finite_json`` ran before), compact: TorchServe's own dump indents."""
+    body = result.to_dict() if isinstance(result, InputError) else result
+    return json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
 class EngineHandler:
@@ -78,16 +107,46 @@ class EngineHandler:
 
     def __init__(self) -> None:
         self.engine: Engine | None = None
+        self.budget: Budget | None = None
         self.initialized = False
 
     def initialize(self, context) -> None:
-        settings = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
+        config = getattr(context, "model_yaml_config", None) or {}
+        settings = config.get("handler", {}) or {}
         torch.set_num_threads(int(settings.get("torch_num_threads", 1)))
         self.engine = Engine.from_model_dir(Path(context.system_properties["model_dir"]))
+        unit = "Mpx-passes" if self.engine.kind == "ddsm" else "Mvoxel-passes"
+        self.budget = Budget.from_settings(settings, int(config.get("batchSize", 1)), online=True, unit=unit)
+        self.engine.budget = self.budget
         self.initialized = True
-        log.info("loaded %s", self.engine.model_info())
+        log.info("loaded %s; budget %s", self.engine.model_info(), self.budget)
 
     def handle(self, data: list[dict], context) -> list:
+        """One answer per row, whatever any row holds: nothing a row sends may escape as a batch-wide 503."""
+        try:
+            results = self._results(data, context)
+        except Exception as err:  # noqa: BLE001 -- a bug here would fail the whole batch: answer every row instead
+            results = [as_row_error(err, "batch", log)] * len(data)
+        out = []
+        refused = 0
+        for i, result in enumerate(results):
+            try:
+                body = encode_row(result)
+                if not isinstance(result, InputError) and self.budget is not None:
+                    self.budget.check_encoded(len(body))
+            except Exception as err:  # noqa: BLE001 -- isolated to its row (handlers/errors.as_row_error)
+                result = as_row_error(err, "encode", log)
+                body = encode_row(result)
+            if isinstance(result, InputError):
+                refused += 1
+                log.info("request %d rejected: %s", i, result.code)  # the code only: never input content
+                _set_status(context, i, result)
+            _set_content_type(context, i)
+            out.append(body)
+        log.info("dynamic batch of %d rows, %d refused", len(out), refused)
+        return out
+
+    def _results(self, data: list[dict], context) -> list[dict | InputError]:
         assert self.engine is not None
         if _is_describe(context):  # management API: GET /models/{name}?customized=true
             return [self.engine.describe()]
@@ -95,19 +154,25 @@ class EngineHandler:
         for i, row in enumerate(data):
             try:
                 requests.append(parse_row(row or {}, _is_explain(context, i)))
-            except InputError as err:
-                requests.append(err)
+            except Exception as err:  # noqa: BLE001 -- isolated to its row (handlers/errors.as_row_error)
+                requests.append(as_row_error(err, "parse", log))
         valid = [r for r in requests if isinstance(r, EngineRequest)]
         results = iter(self.engine.run(valid))
-        out = []
-        for i, req in enumerate(requests):
-            result = req if isinstance(req, InputError) else next(results)
-            if isinstance(result, InputError):
-                context.set_response_status(result.status, result.message, idx=i)
-                log.info("request %d rejected: %s", i, result.code)  # the code only: never input content
-                result = result.to_dict()
-            out.append(result)
-        return out
+        return [req if isinstance(req, InputError) else next(results) for req in requests]
+
+
+def _set_status(context, idx: int, err: InputError) -> None:
+    try:
+        context.set_response_status(err.status, err.message, idx=idx)
+    except Exception:  # noqa: BLE001 -- a context without per-row status (tests calling handle directly)
+        log.debug("could not set the status of row %d", idx)
+
+
+def _set_content_type(context, idx: int) -> None:
+    try:
+        context.set_response_content_type(idx, "application/json")
+    except Exception:  # noqa: BLE001 -- as _set_status
+        log.debug("could not set the content type of row %d", idx)
 
 
 def _is_describe(context) -> bool:
@@ -120,5 +185,5 @@ def _is_describe(context) -> bool:
 def _is_explain(context, idx: int) -> bool:
     try:
         return str(context.get_request_header(idx, "explain")).lower() == "true"
-    except (AttributeError, KeyError, IndexError, TypeError):
+    except Exception:  # noqa: BLE001 -- no header, or a context without headers
         return False

@@ -91,3 +91,65 @@ def gzip_bomb(size_bytes: int) -> bytes:
         for _ in range(size_bytes // len(block)):
             gz.write(block)
     return buf.getvalue()
+
+
+def nested_dicom(depth: int) -> bytes:
+    """A valid image whose header nests sequences `depth` levels deep."""
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(np.ones((300, 260), np.uint16))))
+    current = ds
+    for _ in range(depth):
+        item = pydicom.Dataset()
+        current.ReferencedImageSequence = Sequence([item])
+        current = item
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def dicom_multivalued_rows() -> bytes:
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(np.ones((300, 260), np.uint16))))
+    ds.add_new((0x0028, 0x0010), "US", [300, 2])
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def j2k_dicom_claiming(width: int, height: int) -> bytes:
+    """JPEG 2000 DICOM whose codestream SIZ marker claims width x height (the header says 300 x 260)."""
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes((np.arange(300 * 260).reshape(300, 260) % 4000).astype(np.uint16))))
+    ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=1)))
+    siz = frame.index(b"\xff\x51")
+    frame[siz + 6:siz + 14] = struct.pack(">II", width, height)  # Xsiz, Ysiz (offsets 0)
+    ds.PixelData = encapsulate([bytes(frame)])
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def deflated_dicom_bomb(inflated_bytes: int) -> bytes:
+    """Deflated-transfer-syntax DICOM whose dataset inflates to `inflated_bytes` (pydicom would inflate it whole)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(None)))
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    head = buf.getvalue()
+    meta_end = 132 + 12 + struct.unpack("<I", head[140:144])[0]  # preamble + DICM + group length element
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    block = bytes(1 << 24)
+    body = b"".join(squeeze.compress(block) for _ in range(inflated_bytes // len(block))) + squeeze.flush()
+    return head[:meta_end] + body
+
+
+def multipage_tiff(array: np.ndarray, pages: int) -> bytes:
+    buf = io.BytesIO()
+    frames = [Image.fromarray(array) for _ in range(pages)]
+    frames[0].save(buf, format="TIFF", save_all=True, append_images=frames[1:])
+    return buf.getvalue()
