@@ -87,8 +87,11 @@ class RunReader:
                          extra=meta)
 
     def record(self, item_id: str) -> ItemRecord:
-        """The item's objects, each checked against its ``_complete.json`` (IntegrityError on a mismatch;
-        heatmaps and masks are read, and checked, only when an analysis asks for them)."""
+        """The item's objects, each checked against its ``_complete.json`` (IntegrityError on a mismatch).
+
+        ``result.json`` and ``features.npz`` are read and hashed; the other objects are checked by the
+        sha256 stored with their write (one HEAD each) and hashed again when an analysis reads them.
+        """
         marker = json.loads(self.out.get(self.key("items", item_id, COMPLETE)))
 
         def read(name: str) -> bytes:
@@ -98,6 +101,12 @@ class RunReader:
         result = json.loads(read("result.json"))
         with np.load(io.BytesIO(read("features.npz"))) as npz:
             features = {name: npz[name] for name in npz.files}
+        for name, expected in sorted(marker.items()):  # the rest: the sha256 stored with the write (a HEAD)
+            if name not in ("result.json", "features.npz"):
+                key = self.key("items", item_id, name)
+                stat = self.out.stat(key)
+                if stat is None or stat[1] != expected:
+                    raise IntegrityError(key, "missing" if stat is None else "sha256_mismatch", item_id)
         heatmaps = result.get("heatmaps", {})
         mask_name = result.get("item", {}).get("mask")
 

@@ -428,7 +428,7 @@ def run_batch(options: RunOptions) -> ShardResult:
         write_model_objects(out, prefix, loaded)
         fingerprint = check_or_record(out, prefix, {
             "archive_digest": loaded.archive_digest, "api_version": API_VERSION, "kind": loaded.engine.kind,
-            "request": asdict(shard_run.request_options), "split": options.split, "truth": truth_origin})
+            **asdict(shard_run.request_options), "split": options.split, "truth": truth_origin})
         record_sources(out, prefix, {i.item_id: i.key for i in items}, pseudonyms.cases)
         mine = [i for i in items if shard_of(i.item_id, options.shards) == options.shard]
         complete = manifest.listed_ids(out, prefix, "items", "/" + COMPLETE)

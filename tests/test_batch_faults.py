@@ -165,7 +165,8 @@ def test_rerun_with_other_options_is_refused_not_mixed(killed_run, minio_server)
         assert refused.returncode == 2, refused.stderr
         lines = refused.stderr.strip().splitlines()
         assert len(lines) == 1 and "was run with other options" in lines[0] and "new --output" in lines[0]
-        assert ("top_k" in lines[0]) == (change[0] == "--top-k")
+        assert ("top_k 8 -> 5" in lines[0]) == (change[0] == "--top-k")
+        assert ('explain ["cam"] -> ["cam", "gradcam"]' in lines[0]) == (change[0] == "--explain")
     assert {k: o.etag for k, o in objects(client, "batch-faults", "killed").items()} == before
 
 
