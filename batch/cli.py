@@ -5,8 +5,9 @@
 
 Storage settings: MEDXAI_S3_ENDPOINT, MEDXAI_S3_ACCESS_KEY(_FILE), MEDXAI_S3_SECRET_KEY(_FILE),
 MEDXAI_S3_REGION, or an env file (--s3-env / MEDXAI_S3_ENV_FILE, e.g. build/stack/minio.env).
-Exit codes: 0 all items done, 1 some items failed (see failures/ in the run), 2 usage, settings or
-credential errors.
+Exit codes: 0 all items done, 1 some items failed (see failures/ in the run) or failed their
+integrity check, 2 usage, settings or credential errors (also: a re-run with other result options).
+Fault injection for drills and tests: MEDXAI_FAULT_KILL_ON_SOURCE (see batch/faults.py).
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import sys
 from pathlib import Path
 
 from batch.archive import ArchiveError
+from batch.fingerprint import FingerprintMismatch
 from batch.merge import MergeError, merge_run
+from batch.pseudonyms import PseudonymError
 from batch.runner import RunOptions, UsageError, run_batch
 from batch.sources import SourceError
 from batch.store import StorageConfigError, StorageUnavailable
 from medxplain_client.s3 import S3ConfigError
 
-USER_ERRORS = (UsageError, ArchiveError, SourceError, S3ConfigError, StorageConfigError, MergeError)
+USER_ERRORS = (UsageError, ArchiveError, SourceError, S3ConfigError, StorageConfigError, MergeError,
+               FingerprintMismatch, PseudonymError)
 
 
 def _shard(value: str) -> tuple[int, int]:
@@ -77,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--threads", type=_positive, help="torch threads for the forward pass")
     run.add_argument("--io-threads", type=_positive, default=4, help="threads for reading and uploading")
     run.add_argument("--s3-env", type=Path, metavar="FILE", help="KEY=VALUE file with MEDXAI_S3_* settings")
+    run.add_argument("--id-key-file", type=Path, metavar="FILE",
+                     help="secret (>= 16 bytes) for the pseudonymous item ids; default: a random key kept in the "
+                          "run's private/sources.json. The same key gives the same ids across runs")
+    run.add_argument("--max-attempts", type=_positive, default=3,
+                     help="attempts at an item that killed the process before it goes to failures/ (default 3)")
     run.add_argument("--no-merge", action="store_true", help="do not merge even if this is the last shard")
     run.add_argument("--no-progress", action="store_true")
     merge = sub.add_parser("merge", help="build run-level outputs and run.json (idempotent)",
@@ -84,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--output", required=True, metavar="s3://BUCKET/PREFIX")
     merge.add_argument("--archive", type=Path, help="optional: refuse to merge unless the run used this .mar")
     merge.add_argument("--s3-env", type=Path, metavar="FILE")
+    merge.add_argument("--force", action="store_true",
+                       help="rebuild and re-verify every item even if nothing changed since the last merge")
     merge.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -101,13 +112,23 @@ def _shard_from(args: argparse.Namespace) -> tuple[int, int]:
     return 0, 1
 
 
+def _id_key(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes().strip()
+    except OSError as err:
+        raise UsageError(f"--id-key-file: cannot read it ({type(err).__name__})") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     index, count = _shard_from(args)
     options = RunOptions(model=args.model, archive=args.archive, input=args.input, output=args.output,
                          explain=tuple(m.strip() for m in args.explain.split(",") if m.strip()), shard=index,
                          shards=count, labels=args.labels, split=args.split, batch_size=args.batch_size, top_k=args.top_k,
                          threads=args.threads, io_threads=args.io_threads, s3_env=args.s3_env,
-                         progress=not args.no_progress, merge=not args.no_merge)
+                         progress=not args.no_progress, merge=not args.no_merge,
+                         id_key=_id_key(args.id_key_file), max_attempts=args.max_attempts)
     result = run_batch(options)
     print(result.summary_line())
     for item_id, code in sorted(result.failed.items()):
@@ -120,11 +141,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    run = merge_run(args.output, s3_env=args.s3_env, archive=args.archive, progress=not args.no_progress)
+    run = merge_run(args.output, s3_env=args.s3_env, archive=args.archive, progress=not args.no_progress,
+                    force=args.force)
     counts = run["counts"]
     print(f"run merged: {args.output.rstrip('/')}/run.json: {counts['items']} items, {counts['complete']} complete, "
-          f"{counts['failed']} failed; {len(run['outputs'])} run-level objects")
-    return 1 if counts["failed"] else 0
+          f"{counts['failed']} failed, {counts.get('integrity_failed', 0)} failed the integrity check; "
+          f"{len(run['outputs'])} run-level objects")
+    for problem in run.get("integrity", []):
+        print(f"  integrity: {problem['key']} ({problem['error']})")
+    return 1 if counts["failed"] or counts.get("integrity_failed") else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,7 +96,8 @@ def item_objects(kind: str, item: SourceItem, response: dict, features: ItemFeat
     if "unit_maps" in result:
         result["unit_maps"] = {u: _move_data(h, f"unit_maps/{int(u):04d}{_SUFFIX[h['encoding']]}", objects)
                                for u, h in result["unit_maps"].items()}
-    result["item"] = {"id": item.item_id, "source_key": item.key, "case_id": item.case_id, "truth": item.truth}
+    # No source key here: file names can carry identifiers (the mapping is in private/sources.json).
+    result["item"] = {"id": item.item_id, "case_id": item.case_id, "truth": item.truth}
     arrays = {"pooled": features.pooled, "peak": features.peak, "map_shape": np.asarray(features.map_shape, np.int32),
               "cell_size": np.asarray(features.cell_size, np.float64), "embedding": features.embedding}
     if features.peak_maps is not None:
@@ -122,5 +123,5 @@ def item_objects(kind: str, item: SourceItem, response: dict, features: ItemFeat
 
 
 def failure_record(item: SourceItem, code: str, message: str, attempts: int, status: int | None = None) -> bytes:
-    return json_bytes({"id": item.item_id, "source_key": item.key, "error": code, "message": message,
+    return json_bytes({"id": item.item_id, "error": code, "message": message,
                        "status": status, "attempts": attempts})

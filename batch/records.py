@@ -16,7 +16,7 @@ import numpy as np
 @dataclass
 class ItemRecord:
     item_id: str
-    result: dict  # items/<id>/result.json; result["item"] = {"id", "source_key", "case_id", "truth"}
+    result: dict  # items/<id>/result.json; result["item"] = {"id", "case_id", "truth", "mask"} (pseudonyms)
     features: dict[str, np.ndarray]  # items/<id>/features.npz
     # method -> decoded float32 heatmap (2D: the sent image's pixels; 3D: the model's template grid)
     load_heatmap: Callable[[str], np.ndarray] = field(repr=False, default=lambda method: np.zeros(0))

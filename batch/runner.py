@@ -3,8 +3,12 @@
 The pipeline keeps the forward pass busy: a fetch pool reads and decodes the next batches (the
 engine's own ``prepare``, run ahead of time) while the main thread runs
 ``Engine.run_with_features`` on the current batch, and an upload pool encodes and writes finished
-items. An item's ``_complete.json`` is written after all its other objects, so a crash at any
-point leaves either a complete item or one that the next run redoes.
+items. An item's ``_complete.json`` is written after all its other objects (create-once, with
+``If-None-Match: *``), so a crash at any point leaves either a complete item or one that the next
+run redoes. Before an item is read and decoded its attempt marker is written (``batch.claims``):
+a live writer's marker keeps a second pod off the item, and an item whose attempts keep killing the
+process is isolated on the next run (processed alone, after the others) and, after
+``max_attempts``, recorded in ``failures/`` without being processed again.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,12 +28,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from batch import manifest
+from batch import faults, manifest
 from batch.archive import LoadedArchive, load_archive
+from batch.claims import Writer
+from batch.fingerprint import check_or_record
 from batch.items import COMPLETE, content_type, failure_record, item_objects, json_bytes, npz_bytes
+from batch.pseudonyms import open_pseudonyms, record_sources
 from batch.sources import MAX_INPUT_BYTES, Source, SourceItem, plan_items, shard_of
-from batch.store import Bucket, RetryPolicy, StorageConfigError, StorageUnavailable, describe, join, sha256_bytes
-from handlers.engine import Engine, EngineRequest, Prepared
+from batch.store import (
+    Bucket,
+    PreconditionFailed,
+    RetryPolicy,
+    StorageConfigError,
+    StorageUnavailable,
+    describe,
+    join,
+    sha256_bytes,
+)
+from handlers.engine import API_VERSION, Engine, EngineRequest, Prepared
 from handlers.errors import InputError
 from handlers.options import RequestOptions, parse_options
 from medxplain_client.s3 import S3Config, parse_s3_url
@@ -60,6 +77,8 @@ class RunOptions:
     progress: bool = True
     merge: bool = True  # the last shard to finish merges the run
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    id_key: bytes | None = field(default=None, repr=False)  # None: the run's own random key
+    max_attempts: int = 3  # attempts that killed the process before an item goes to failures/
 
     def arguments(self) -> dict:
         return {"model": self.model, "archive": str(self.archive), "input": self.input, "output": self.output,
@@ -77,9 +96,11 @@ class ShardResult:
     processed: int = 0  # completed by this invocation
     skipped: int = 0  # already complete
     failed: dict[str, str] = field(default_factory=dict)  # item id -> error code
+    held: int = 0  # left to another live writer that had claimed them
     seconds: float = 0.0  # whole invocation, model loading included
     loop_seconds: float = 0.0  # the item pipeline only (throughput)
-    merged: bool = False
+    merged: bool = False  # run.json is up to date with this shard (merged now or earlier)
+    merge_wrote: bool = False  # this invocation's merge wrote run.json (False: nothing had changed)
     run_failures: int = 0  # failures of the whole run, known after a merge
 
     @property
@@ -93,7 +114,8 @@ class ShardResult:
     def summary_line(self) -> str:
         return (f"shard {self.shard}/{self.shards}: {self.items} items, {self.processed} processed, "
                 f"{self.skipped} skipped (already complete), {len(self.failed)} failed, "
-                f"{self.seconds:.1f} s, {self.items_per_second:.2f} items/s -> {self.output}")
+                + (f"{self.held} held by another writer, " if self.held else "")
+                + f"{self.seconds:.1f} s, {self.items_per_second:.2f} items/s -> {self.output}")
 
 
 def storage_config(options: RunOptions) -> S3Config:
@@ -106,6 +128,16 @@ class Fetched:
     payload: bytes | None = None
     mask: bytes | None = None
     error: tuple[str, str] | None = None  # (code, message) when the input could not even be read
+    held: bool = False  # another live writer claimed it: leave it alone
+    claimed: bool = False  # our attempt marker exists (released once the item is finished)
+
+
+def _reason(err: BaseException) -> str:
+    """An error without file names: OSError texts carry the path, which may name a patient."""
+    return describe(err) if getattr(err, "code", None) else type(err).__name__
+
+
+Submit = Callable[..., object]
 
 
 class PrefetchedPrepare:
@@ -143,8 +175,10 @@ class PrefetchedPrepare:
 class ShardRun:
     """State of one invocation; :func:`run_batch` is the entry point."""
 
-    def __init__(self, options: RunOptions, out: Bucket, prefix: str, loaded: LoadedArchive, source: Source) -> None:
+    def __init__(self, options: RunOptions, out: Bucket, prefix: str, loaded: LoadedArchive, source: Source,
+                 writer: Writer) -> None:
         self.options, self.out, self.prefix, self.loaded, self.source = options, out, prefix, loaded, source
+        self.writer = writer
         self.engine = loaded.engine
         self.params = {"top_k": options.top_k, "explain": ",".join(options.explain)}
         self.request_options = parse_options(self.params, self.engine.bundle.class_names, self.engine.methods,
@@ -167,14 +201,27 @@ class ShardRun:
         if item.size > MAX_INPUT_BYTES:
             return Fetched(item, error=("input_too_large", f"file of {item.size} bytes exceeds {MAX_INPUT_BYTES}"))
         try:
+            claim = self.writer.claim(item.item_id, self.options.max_attempts)
+        except StorageConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - storage outage: this item only, a re-run redoes it
+            return Fetched(item, error=("storage_unavailable", f"could not record the attempt: {_reason(err)}"))
+        if claim.status == "held":
+            return Fetched(item, held=True)
+        if claim.status == "poison":
+            message = (f"the process died in each of {claim.attempts} attempts at this item; left out "
+                       "(remove its attempts/ marker to retry)")
+            return Fetched(item, error=("poison_item", message))
+        try:
             payload = self.source.read(item.key)
             mask = self.source.read_optional(item.mask_key) if item.mask_key else None
         except StorageConfigError:
             raise
         except Exception as err:  # noqa: BLE001 - missing object, I/O error, long outage: this item only
-            return Fetched(item, error=("input_unreadable", f"could not read the input: {describe(err)}"))
+            return Fetched(item, error=("input_unreadable", f"could not read the input: {_reason(err)}"), claimed=True)
+        faults.before_decode(item.key)
         prefetch.precompute(payload, self.request_options)
-        return Fetched(item, payload, mask)
+        return Fetched(item, payload, mask, claimed=True)
 
     def store_item(self, fetched: Fetched, response: dict, features) -> None:
         item = fetched.item
@@ -182,9 +229,16 @@ class ShardRun:
             objects = item_objects(self.engine.kind, item, response, features, self.model_affine, fetched.mask)
             digests = {name: self.out.put(self.key("items", item.item_id, name), data, content_type(name))
                        for name, data in objects.items()}
-            self.out.put(self.key("items", item.item_id, COMPLETE), json_bytes(digests), "application/json")
+            try:
+                self.out.put_if(self.key("items", item.item_id, COMPLETE), json_bytes(digests), "application/json")
+            except PreconditionFailed:  # another writer committed it first; readers check its marker
+                log.warning("item %s was completed by another writer meanwhile; this copy is dropped", item.item_id)
+                self.writer.release(item.item_id)
+                self.done(processed=False)
+                return
             if item.item_id in self.previous_failures:
                 self.out.remove(self.key("failures", f"{item.item_id}.json"))
+            self.writer.release(item.item_id)
         except (StorageUnavailable, StorageConfigError) as err:
             self.fail(item, "storage_unavailable", str(err))
             return
@@ -194,7 +248,9 @@ class ShardRun:
             return
         self.done(processed=True)
 
-    def fail(self, item: SourceItem, code: str, message: str, status: int | None = None) -> None:
+    def fail(self, item: SourceItem, code: str, message: str, status: int | None = None, *,
+             release: bool = True) -> None:
+        """Record why ``item`` failed; ``release`` drops our attempt marker (kept for poison items)."""
         with self.lock:
             self.result.failed[item.item_id] = code
         key = self.key("failures", f"{item.item_id}.json")
@@ -204,16 +260,45 @@ class ShardRun:
                 old = self.out.get_or_none(key)
                 attempts = int(json.loads(old).get("attempts", 0)) + 1 if old else 1
             self.out.put(key, failure_record(item, code, message, attempts, status), "application/json")
+            if release:
+                self.writer.release(item.item_id)
         except Exception as err:  # noqa: BLE001 - storage down: the shard summary still counts it
-            log.warning("could not record the failure of %s: %s", item.item_id, err)
+            log.warning("could not record the failure of %s: %s", item.item_id, describe(err))
         self.done(processed=False)
 
-    def done(self, processed: bool) -> None:
+    def done(self, processed: bool, held: bool = False) -> None:
         with self.lock:
             if processed:
                 self.result.processed += 1
+            if held:
+                self.result.held += 1
             if self.bar is not None:
                 self.bar.update(1)
+
+    def dispatch(self, fetched: list[Fetched], submit: Submit) -> list:
+        """Infer the fetched items that can be, hand every outcome to ``submit`` (pool or inline)."""
+        tasks, ok = [], []
+        for f in fetched:
+            if f.held:
+                self.done(processed=False, held=True)
+            elif f.error is not None:
+                tasks.append(submit(self.fail, f.item, *f.error, release=f.claimed))
+            else:
+                ok.append(f)
+        if not ok:
+            return tasks
+        try:
+            results = self.engine.run_with_features([EngineRequest(f.payload, self.params) for f in ok])
+        except Exception as err:  # e.g. out of memory: fail this batch, keep the run going
+            log.exception("a batch failed in the engine")
+            results = [InputError("internal_error", f"inference failed: {type(err).__name__}")] * len(ok)
+        for f, r in zip(ok, results):
+            f.payload = None  # drop the bytes early
+            if isinstance(r, InputError):
+                tasks.append(submit(self.fail, f.item, r.code, r.message, r.status))
+            else:
+                tasks.append(submit(self.store_item, f, *r))
+        return tasks
 
     # -- the loop ---------------------------------------------------------------------------------
 
@@ -241,21 +326,7 @@ class ShardRun:
                 while queued:
                     fetched = [f.result() for f in queued.popleft()]
                     submit_next()
-                    ok = [f for f in fetched if f.error is None]
-                    for f in fetched:
-                        if f.error is not None:
-                            pending.append(upload_pool.submit(self.fail, f.item, *f.error))
-                    try:
-                        results = self.engine.run_with_features([EngineRequest(f.payload, self.params) for f in ok])
-                    except Exception as err:  # e.g. out of memory: fail this batch, keep the run going
-                        log.exception("a batch failed in the engine")
-                        results = [InputError("internal_error", f"inference failed: {type(err).__name__}")] * len(ok)
-                    for f, r in zip(ok, results):
-                        f.payload = None  # drop the bytes early
-                        if isinstance(r, InputError):
-                            pending.append(upload_pool.submit(self.fail, f.item, r.code, r.message, r.status))
-                        else:
-                            pending.append(upload_pool.submit(self.store_item, f, *r))
+                    pending.extend(self.dispatch(fetched, upload_pool.submit))
                     while len(pending) > 2 * opts.batch_size + opts.io_threads:  # bound memory
                         pending.popleft().result()
                 for f in pending:
@@ -263,6 +334,37 @@ class ShardRun:
         finally:
             del self.engine.prepare  # back to the class's method
             self.bar.close()
+
+    def run_isolated(self, todo: list[SourceItem]) -> None:
+        """Items whose earlier attempt never finished (the process died): one at a time, nothing ahead,
+        so a poison item's next attempt is counted against it alone and costs no other item an attempt."""
+        if not todo:
+            return
+        prefetch = PrefetchedPrepare(self.engine)
+        try:
+            for item in todo:
+                self.dispatch([self.fetch(item, prefetch)], lambda fn, *args, **kwargs: fn(*args, **kwargs))
+        finally:
+            del self.engine.prepare
+
+
+def write_summary(out: Bucket, key: str, summary: dict, changed: bool, tries: int = 20) -> None:
+    """The shard's summary, appending this invocation to its history; read-modify-write with ``If-Match``,
+    so two pods of one shard finishing together both land. ``processed`` counts every invocation."""
+    invocation = {k: summary[k] for k in ("started", "ended", "processed", "skipped", "held", "items_per_second")}
+    for _ in range(tries):
+        current = out.get_versioned(key)
+        old = json.loads(current.data) if current is not None else None
+        if old is not None and not changed:
+            return  # nothing was done: keep the earlier summary (a re-run is a no-op)
+        history = (old or {}).get("invocations", []) + [invocation]
+        body = summary | {"invocations": history, "processed": sum(i.get("processed", 0) for i in history)}
+        try:
+            out.put_if(key, json_bytes(body), "application/json", if_match=current.etag if current else None)
+            return
+        except PreconditionFailed:
+            continue
+    raise StorageUnavailable(f"could not update {key}: too many concurrent writers")
 
 
 def write_model_objects(out: Bucket, prefix: str, loaded: LoadedArchive) -> None:
@@ -305,57 +407,69 @@ def run_batch(options: RunOptions) -> ShardResult:
         raise UsageError(f"shard index {options.shard} is outside 0..{options.shards - 1}")
     if options.batch_size < 1 or options.top_k < 0:
         raise UsageError("--batch-size must be >= 1 and --top-k >= 0")
+    if options.max_attempts < 1:
+        raise UsageError("--max-attempts must be >= 1")
     config = storage_config(options)
     bucket_name, prefix = parse_s3_url(options.output)
     out = Bucket(config, bucket_name, options.retry)
     out.ensure(create=True)
     loaded = load_archive(options.archive, options.model)
+    writer = Writer(out, prefix)
     try:
         if options.threads:
             torch.set_num_threads(options.threads)
         try:
-            shard_run = ShardRun(options, out, prefix, loaded, Source(options.input, lambda: config))
+            shard_run = ShardRun(options, out, prefix, loaded, Source(options.input, lambda: config), writer)
         except InputError as err:
             raise UsageError(f"bad option: {err.message}") from None
-        write_model_objects(out, prefix, loaded)
+        pseudonyms = open_pseudonyms(out, prefix, options.id_key)
         items, truth_origin = plan_items(shard_run.source, loaded.engine.kind, loaded.engine.bundle.class_names,
-                                         options.labels, options.split)
+                                         options.labels, options.split, pseudonyms=pseudonyms)
+        write_model_objects(out, prefix, loaded)
+        fingerprint = check_or_record(out, prefix, {
+            "archive_digest": loaded.archive_digest, "api_version": API_VERSION, "kind": loaded.engine.kind,
+            **asdict(shard_run.request_options), "split": options.split, "truth": truth_origin})
+        record_sources(out, prefix, {i.item_id: i.key for i in items}, pseudonyms.cases)
         mine = [i for i in items if shard_of(i.item_id, options.shards) == options.shard]
         complete = manifest.listed_ids(out, prefix, "items", "/" + COMPLETE)
         shard_run.previous_failures = manifest.listed_ids(out, prefix, "failures", ".json")
+        attempted = manifest.listed_ids(out, prefix, "attempts", ".json")
         todo = [i for i in mine if i.item_id not in complete]
         result = shard_run.result
         result.items, result.skipped = len(mine), len(mine) - len(todo)
         loop_started = time.perf_counter()
-        shard_run.run(todo)
+        if todo:
+            writer.start()
+        shard_run.run([i for i in todo if i.item_id not in attempted])
+        shard_run.run_isolated([i for i in todo if i.item_id in attempted])
         result.loop_seconds = time.perf_counter() - loop_started
         result.seconds = time.perf_counter() - started
         summary_key = join(prefix, manifest.shard_key(options.shard, options.shards))
         summary = {"shard": options.shard, "shards": options.shards, "items": result.items,
-                   "processed": result.processed, "skipped": result.skipped,
+                   "processed": result.processed, "skipped": result.skipped, "held": result.held,
                    "failed": [{"id": i, "error": c} for i, c in sorted(result.failed.items())],
                    "started": started_wall, "ended": manifest.now(), "seconds": round(result.seconds, 3),
                    "items_per_second": round(result.items_per_second, 3), "arguments": options.arguments(),
                    "archive_sha256": loaded.sha256, "archive_digest": loaded.archive_digest,
+                   "fingerprint": fingerprint,
                    "code_version": manifest.code_version(), "truth": truth_origin, "source_items": len(items)}
         try:
-            if not todo and out.sha256_of(summary_key) is not None:
-                pass  # nothing was done: keep the earlier summary (a re-run is a no-op)
-            else:
-                out.put(summary_key, json_bytes(summary), "application/json")
+            write_summary(out, summary_key, summary, changed=bool(todo))
             if options.merge:
                 keys = [manifest.relative(prefix, k) for k, _ in out.list(join(prefix, manifest.SHARDS_PREFIX))]
                 if options.shards in manifest.complete_shard_sets(keys):
-                    from batch.merge import merge_run
-                    run = merge_run(options.output, s3=config, archive=None, progress=options.progress,
-                                    retry=options.retry, shards=options.shards)
-                    result.merged = True
-                    result.run_failures = run["counts"]["failed"]
+                    from batch.merge import merge
+
+                    outcome = merge(options.output, s3=config, archive=None, progress=options.progress,
+                                    retry=options.retry, shards=options.shards, writer=writer)
+                    result.merged, result.merge_wrote = True, outcome.wrote
+                    result.run_failures = outcome.run["counts"]["failed"]
         except StorageUnavailable as err:
             log.error("could not finish the shard's bookkeeping: %s", err)
             result.failed.setdefault("(shard summary)", "storage_unavailable")
         return result
     finally:
+        writer.stop()
         loaded.close()
 
 

@@ -1,8 +1,8 @@
 """Where a run's inputs come from: a local folder or an ``s3://`` prefix, plus their ground truth.
 
-Item ids derive from the key relative to the input prefix (never from anything inside the file,
-such as DICOM patient tags): characters outside ``[A-Za-z0-9._-]`` become ``_``; ids that clash
-get 8 hex digits of the key's sha256 appended, so every shard computes the same ids.
+Item ids are pseudonyms of the key relative to the input prefix (``batch.pseudonyms``: a keyed
+digest, never the file name itself and never anything inside the file, such as DICOM patient tags);
+an id depends on its own key only, so adding files never changes the ids of the others.
 When the source root holds the synthetic sets' index (``images.csv`` / ``subjects.csv``) or
 ``--labels`` is given, that index defines the items (its ``path`` column) and their truth, so
 mask and DICOM side folders are not mistaken for inputs.
@@ -13,18 +13,16 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from batch.pseudonyms import Pseudonyms
 from batch.store import Bucket, join
 from medxplain_client.s3 import parse_s3_url
 
 EXTENSIONS = {"ddsm": (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"), "adni": (".nii", ".nii.gz")}
 INDEX_FILES = {"ddsm": "images.csv", "adni": "subjects.csv"}
 MAX_INPUT_BYTES = 512 * 1024 * 1024  # the engine's own decompressed limit; larger files are refused unread
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class SourceError(ValueError):
@@ -36,24 +34,16 @@ class SourceItem:
     item_id: str
     key: str  # relative to the source root, '/'-separated
     size: int | None
-    case_id: str | None = None
+    case_id: str | None = None  # pseudonymised like the item id
     truth: int | None = None
     mask_key: str | None = None
 
 
-def sanitise(key: str) -> str:
-    return _UNSAFE.sub("_", key)
-
-
-def assign_ids(keys: list[str]) -> dict[str, str]:
-    """key -> item id; deterministic for a given key set, whatever the order or shard."""
-    base = {k: sanitise(k) for k in keys}
-    counts = Counter(base.values())
-    ids = {}
-    for key, item_id in base.items():
-        if counts[item_id] > 1 or item_id in ("", ".", "..") or len(item_id) > 200:
-            item_id = f"{item_id[:180]}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-        ids[key] = item_id
+def assign_ids(keys: list[str], pseudonyms: Pseudonyms) -> dict[str, str]:
+    """key -> item id: each id is a function of its own key (and the run's id key) only."""
+    ids = {k: pseudonyms.item_id(k) for k in keys}
+    if len(set(ids.values())) != len(ids):  # 80-bit digests: practically never; refuse rather than mix
+        raise SourceError("two input keys got the same item id; use a new --output prefix (new id key)")
     return ids
 
 
@@ -93,7 +83,7 @@ class Source:
             return self.bucket.get(join(self.prefix, key))
         path = (self.root / key).resolve()
         if not path.is_relative_to(self.root.resolve()):
-            raise SourceError(f"{key!r} points outside the input folder")
+            raise SourceError("an index path points outside the input folder")
         return path.read_bytes()
 
     def read_optional(self, key: str) -> bytes | None:
@@ -108,7 +98,7 @@ class Source:
 
 
 def plan_items(source: Source, kind: str, class_names: list[str], labels_csv: Path | None,
-               split: str | None = None) -> tuple[list[SourceItem], str]:
+               split: str | None = None, *, pseudonyms: Pseudonyms) -> tuple[list[SourceItem], str]:
     """All items of the source (every shard computes the same list) and where truth came from.
 
     ``split`` keeps only index rows whose ``split`` column has that value (e.g. the held-out test set).
@@ -125,7 +115,7 @@ def plan_items(source: Source, kind: str, class_names: list[str], labels_csv: Pa
         if split is not None:
             raise SourceError(f"--split needs an index with a 'split' column ({index_name} or --labels)")
         keys = sorted(k for k in listing if k.lower().endswith(EXTENSIONS[kind]))
-        ids = assign_ids(keys)
+        ids = assign_ids(keys, pseudonyms)
         return [SourceItem(ids[k], k, listing[k]) for k in keys], "none"
     if split is not None:
         if "split" not in rows[0]:
@@ -133,20 +123,21 @@ def plan_items(source: Source, kind: str, class_names: list[str], labels_csv: Pa
         rows = [r for r in rows if r["split"] == split]
         if not rows:
             raise SourceError(f"--split {split}: no index row has that split")
-    keys = [_relative(r["path"]) for r in rows]
-    ids = assign_ids(keys)
+    keys = [_relative(r["path"], n) for n, r in enumerate(rows, start=2)]
+    ids = assign_ids(keys, pseudonyms)
     items = []
-    for key, row in sorted(zip(keys, rows)):
+    for key, n, row in sorted(zip(keys, range(2, len(rows) + 2), rows), key=lambda e: (e[0], e[1])):
         mask = row.get("mask_path") or None
-        items.append(SourceItem(ids[key], key, listing.get(key), row.get("case_id") or row.get("subject_id") or None,
-                                _truth(row, class_names), _relative(mask) if mask else None))
+        case = row.get("case_id") or row.get("subject_id") or None
+        items.append(SourceItem(ids[key], key, listing.get(key), pseudonyms.case_id(case) if case else None,
+                                _truth(row, class_names), _relative(mask, n) if mask else None))
     return items, origin
 
 
-def _relative(path: str) -> str:
+def _relative(path: str, row: int) -> str:
     posix = PurePosixPath(path.replace("\\", "/"))
-    if posix.is_absolute() or ".." in posix.parts:
-        raise SourceError(f"index paths must be relative to the source and stay inside it: {path!r}")
+    if posix.is_absolute() or ".." in posix.parts:  # the path itself is not echoed: it may name a patient
+        raise SourceError(f"index paths must be relative to the source and stay inside it (row {row})")
     return posix.as_posix()
 
 

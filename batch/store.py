@@ -22,6 +22,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from batch.integrity import verified
 from medxplain_client.s3 import S3Config, read_object
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,18 @@ class StorageConfigError(RuntimeError):
 
 class StorageUnavailable(RuntimeError):
     """A transient error outlived the retry budget (the item is not complete; a re-run redoes it)."""
+
+
+class PreconditionFailed(RuntimeError):
+    """A conditional write lost: the object already exists (create) or changed since it was read (update)."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """An object's bytes with the ETag to pass as ``If-Match`` when writing it back."""
+
+    data: bytes
+    etag: str
 
 
 @dataclass(frozen=True)
@@ -134,8 +147,74 @@ class Bucket:
             self.name, key, io.BytesIO(data), len(data), content_type=content_type, metadata={"sha256": digest}))
         return digest
 
+    def put_if(self, key: str, data: bytes, content_type: str = "application/json", *,
+               if_match: str | None = None) -> str:
+        """Conditional PUT: create only if absent (``If-None-Match: *``) or, with ``if_match``, replace
+        only the version with that ETag. Returns the new ETag; raises :class:`PreconditionFailed`.
+
+        The SDK 7.2 has no option for these headers (``metadata=`` would store them as
+        ``x-amz-meta-*``), so this goes through its lower-level ``_put_object``, which signs and
+        sends headers as given. A retried request whose first attempt did land answers 412 too:
+        an existing object with our own sha256 counts as our write.
+        """
+        digest = sha256_bytes(data)
+        headers = {"Content-Type": content_type, "x-amz-meta-sha256": digest}
+        headers.update({"If-Match": f'"{if_match}"'} if if_match else {"If-None-Match": "*"})
+        try:
+            result = self.call(f"conditional upload of {key}",
+                               lambda: self.client._put_object(self.name, key, data, headers=headers))
+        except S3Error as err:
+            if if_match and err.code in ("NoSuchKey", "NoSuchObject"):
+                raise PreconditionFailed(key) from None  # the version we read is gone
+            if err.code != "PreconditionFailed":
+                raise
+            stat = self.stat(key)
+            if stat is not None and stat[1] == digest and if_match is None:
+                return stat[0]
+            raise PreconditionFailed(key) from None
+        return result.etag
+
+    def get_versioned(self, key: str) -> Versioned | None:
+        """Bytes and ETag in one request (the pair an ``If-Match`` update needs), or None if absent."""
+        def fetch() -> Versioned:
+            response = self.client.get_object(self.name, key)
+            try:
+                return Versioned(response.read(), response.headers.get("etag", "").strip('"'))
+            finally:
+                response.close()
+                response.release_conn()
+        try:
+            return self.call(f"download of {key}", fetch)
+        except S3Error as err:
+            if err.code in ("NoSuchKey", "NoSuchObject"):
+                return None
+            raise
+
+    def stat(self, key: str) -> tuple[str, str | None] | None:
+        """(ETag, stored sha256 metadata) or None when the object does not exist."""
+        try:
+            stat = self.call(f"stat of {key}", lambda: self.client.stat_object(self.name, key))
+        except S3Error as err:
+            if err.code in ("NoSuchKey", "NoSuchObject"):
+                return None
+            raise
+        meta = {k.lower(): v for k, v in (stat.metadata or {}).items()}
+        return (stat.etag or "").strip('"'), meta.get("x-amz-meta-sha256")
+
     def get(self, key: str) -> bytes:
         return self.call(f"download of {key}", lambda: read_object(self.client, self.name, key))
+
+    def get_checked(self, key: str) -> bytes:
+        """The object, verified against the ``x-amz-meta-sha256`` its write stored (same request)."""
+        def fetch() -> tuple[bytes, str | None]:
+            response = self.client.get_object(self.name, key)
+            try:
+                return response.read(), response.headers.get("x-amz-meta-sha256")
+            finally:
+                response.close()
+                response.release_conn()
+        data, expected = self.call(f"download of {key}", fetch)
+        return verified(key, data, expected)
 
     def get_or_none(self, key: str) -> bytes | None:
         try:
@@ -147,14 +226,8 @@ class Bucket:
 
     def sha256_of(self, key: str) -> str | None:
         """The stored sha256 metadata, or None when the object does not exist."""
-        try:
-            stat = self.call(f"stat of {key}", lambda: self.client.stat_object(self.name, key))
-        except S3Error as err:
-            if err.code in ("NoSuchKey", "NoSuchObject"):
-                return None
-            raise
-        meta = {k.lower(): v for k, v in (stat.metadata or {}).items()}
-        return meta.get("x-amz-meta-sha256")
+        stat = self.stat(key)
+        return None if stat is None else stat[1]
 
     def remove(self, key: str) -> None:
         self.call(f"removal of {key}", lambda: self.client.remove_object(self.name, key))

@@ -9,7 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INDEX = {"ddsm": "images.csv", "adni": "subjects.csv"}
@@ -36,8 +36,20 @@ def write_index(path: Path, fields, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def item_id(key: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in key)
+def source_ids(client, bucket: str, prefix: str) -> dict[str, str]:
+    """source key -> item id, from the run's private mapping (readable with the admin credentials only)."""
+    record = json.loads(read(client, bucket, f"{prefix}/private/sources.json"))
+    return {source: item for item, source in record["items"].items()}
+
+
+def assert_no_source_names(client, bucket: str, prefix: str, source_keys) -> None:
+    """No object key, and no JSON object outside private/, carries a source file's name (stem included)."""
+    stems = {PurePosixPath(k).name.split(".")[0] for k in source_keys}
+    for key in objects(client, bucket, prefix):
+        assert not any(stem in key for stem in stems), key
+        if key.endswith(".json") and not key.startswith("private/"):
+            text = read(client, bucket, f"{prefix}/{key}").decode()
+            assert not any(stem in text for stem in stems), f"{key} names a source file"
 
 
 def env_file(server, path: Path, access_key: str | None = None, secret_key: str | None = None) -> Path:

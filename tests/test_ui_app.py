@@ -73,7 +73,7 @@ def write_ui_runs(minio_server, model_store: Path, ddsm_data: Path, adni_data: P
                                       output=f"s3://{BUCKET}/runs/{model}", explain=explain, s3=config,
                                       progress=False, batch_size=4))
         assert result.exit_code == 0, result.summary_line()
-    return env
+    return env | {"_ddsm_source": str(jobs[0][1])}
 
 
 @pytest.fixture(scope="session")
@@ -138,6 +138,12 @@ def test_cases_page_lists_runs_and_filters(ui_env):
     no_errors(at)
     table = at.dataframe[0].value
     assert len(table) == 12 and set(table["truth"]) <= {"normal", "benign", "malignant"}
+    # items and cases are shown by their pseudonyms, never by source file name or index case id
+    sources = [p.name.split(".")[0] for p in (Path(ui_env["_ddsm_source"]) / "images").glob("*.png")]
+    assert len(sources) == 12 and all(i.startswith("i") and len(i) == 21 for i in table["item"])
+    assert all(c.startswith("c") for c in table["case"])
+    shown = " ".join(str(v) for v in table.to_numpy().ravel()) + at.selectbox(key="case_item").value
+    assert not any(name in shown or name.split("_")[0] in shown for name in sources)
     assert f"{len(table)} of {len(table)} items" in captions(at)
     label = table["truth"].iloc[0]
     at.multiselect(key="filter_truth").select(label).run()

@@ -94,8 +94,10 @@ def cases(prefix: str) -> pd.DataFrame:
                      "truth": truth, "predicted": predicted,
                      "correct": None if truth is None else truth == predicted,
                      **{f"p({n})": float(p) for n, p in res["prediction"]["probabilities"].items()}})
-    return pd.DataFrame(rows, columns=["item", "case", "model", "truth", "predicted", "correct",
-                                       *[f"p({n})" for n in names]])
+    table = pd.DataFrame(rows, columns=["item", "case", "model", "truth", "predicted", "correct",
+                                        *[f"p({n})" for n in names]])
+    table.attrs["integrity"] = sorted(p.key for p in r.integrity_problems)  # items left out, by key
+    return table
 
 
 @st.cache_data(show_spinner=False)

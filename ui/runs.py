@@ -3,10 +3,15 @@
 A run is the prefix that holds ``run.json``; the batch job writes that manifest last, so a prefix
 without it is still running (or died) and is not offered. Everything under a finished run is
 immutable, which is why the pages may cache what this module returns for as long as they like.
+Every object is checked before use against the sha256 recorded when it was written: an item's
+objects against its ``_complete.json``, run-level and model objects against ``run.json``'s
+``objects``; a mismatch raises :class:`IntegrityError` naming the key. The run's ``private/``
+objects (the id -> source key mapping) are never read here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Iterable
@@ -23,6 +28,14 @@ MANIFEST = "run.json"
 
 class StorageError(RuntimeError):
     """Object storage could not be read; the message is meant for people."""
+
+
+class IntegrityError(StorageError):
+    """An object's content differs from the sha256 recorded at write time; it is not shown."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"{key} does not match the checksum recorded when it was written; not shown")
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -104,14 +117,41 @@ class Run:
 
     def __init__(self, client, bucket: str, prefix: str) -> None:
         self.client, self.bucket, self.prefix = client, bucket, prefix.strip("/")
+        self._markers: dict[str, dict] = {}
+        self._manifest: dict | None = None
+        self.integrity_problems: list[IntegrityError] = []  # items left out by results()
 
     def key(self, relative: str) -> str:
         return f"{self.prefix}/{relative}" if self.prefix else relative
 
-    def bytes(self, relative: str) -> bytes:
+    def raw(self, relative: str) -> bytes:
         key = self.key(relative)
-
         return _s3_call(f"s3://{self.bucket}/{key}", read_object, self.client, self.bucket, key)
+
+    def _expected(self, relative: str) -> str | None:
+        """The recorded sha256 of an object, or None when nothing records it (bookkeeping, older runs)."""
+        if relative.startswith("items/"):
+            item_id, _, name = relative[len("items/"):].partition("/")
+            if name == "_complete.json":
+                return None
+            if item_id not in self._markers:
+                self._markers[item_id] = json.loads(self.raw(f"items/{item_id}/_complete.json"))
+            expected = self._markers[item_id].get(name)
+            if expected is None:
+                raise IntegrityError(self.key(relative))  # not part of the committed item
+            return expected
+        if relative == MANIFEST or relative.startswith("private/"):
+            return None
+        return (self.manifest.get("objects") or {}).get(relative)
+
+    def bytes(self, relative: str) -> bytes:
+        if relative.startswith("private/"):
+            raise KeyError(relative)  # the id -> source key mapping is not for the UI
+        expected = self._expected(relative)
+        data = self.raw(relative)
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+            raise IntegrityError(self.key(relative))
+        return data
 
     def json(self, relative: str) -> dict:
         return json.loads(self.bytes(relative))
@@ -134,7 +174,9 @@ class Run:
 
     @property
     def manifest(self) -> dict:
-        return self.json(MANIFEST)
+        if self._manifest is None:
+            self._manifest = json.loads(self.raw(MANIFEST))
+        return self._manifest
 
     def model_json(self) -> dict:
         try:
@@ -154,9 +196,19 @@ class Run:
                       if name.endswith("/_complete.json"))
 
     def results(self, item_ids: Iterable[str], workers: int = 8) -> dict[str, dict]:
+        """Results of the items that pass their check; the others land in ``integrity_problems``."""
         ids = list(item_ids)
+
+        def checked(item_id: str) -> dict | IntegrityError:
+            try:
+                return self.result(item_id)
+            except IntegrityError as err:
+                return err
+
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            return dict(zip(ids, pool.map(self.result, ids)))
+            read = dict(zip(ids, pool.map(checked, ids)))
+        self.integrity_problems = [r for r in read.values() if isinstance(r, IntegrityError)]
+        return {i: r for i, r in read.items() if not isinstance(r, IntegrityError)}
 
     def optional_json(self, relative: str) -> dict | list | None:
         try:

@@ -125,6 +125,9 @@ def main() -> None:
     if info is None:
         return
     table = data.cases(info.prefix)
+    if table.attrs.get("integrity"):
+        st.warning("Left out (content differs from the checksum recorded at write time): "
+                   + ", ".join(table.attrs["integrity"]))
     if table.empty:
         st.info("This run has no complete items.")
         return
