@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -42,11 +43,15 @@ import requests
 from PIL import Image
 
 from medxplain_client.client import TOKEN_ENV, read_token
+from medxplain_client.stubs import ensure_stubs
 from medxplain_client.transports import MAX_MESSAGE_BYTES
 
 PATCH_SIZE = 227  # model_store.tiling.PATCH_SIZE (not imported: that pulls in scipy for one constant)
 DEFAULT_REQUESTS = 200
 DEFAULT_CONCURRENCY = 200  # docker/serve/config.properties job_queue_size must stay above this
+# 200 requests took ~5 min on 2 cores shared with other jobs (test-profile models): the whole run,
+# not each request, is bounded, because under a burst the last request waits for all the others.
+DEFAULT_TIME_LIMIT = 900.0
 FIRST_ERRORS = 10
 
 
@@ -144,8 +149,9 @@ class Failure(Exception):
 class Sender:
     """One simulated client: its own HTTP session and gRPC channel (opened on first use)."""
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, stubs) -> None:
         self.target = target
+        self.stubs = stubs  # medxplain_client._generated, imported once by run_load
         self.session: requests.Session | None = None
         self.channel: grpc.Channel | None = None
         self.stub = None
@@ -181,17 +187,14 @@ class Sender:
 
     def _grpc(self, kind: Kind, payload: bytes, timeout: float) -> bytes:
         if self.channel is None:
-            from medxplain_client.stubs import ensure_stubs
-
-            stubs = ensure_stubs()
             options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
             self.channel = grpc.insecure_channel(self.target.grpc_target, options=options)
-            self.stub = stubs.inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
-            self.request_type = stubs.inference_pb2.PredictionsRequest
+            self.stub = self.stubs.inference_pb2_grpc.InferenceAPIsServiceStub(self.channel)
+        request_type = self.stubs.inference_pb2.PredictionsRequest
         metadata = (("authorization", f"Bearer {self.target.token}"),) if self.target.token else ()
-        request = self.request_type(model_name=kind.model,
-                                    input={"data": payload, **{k: v.encode() for k, v in kind.params}})
+        request = request_type(model_name=kind.model,
+                               input={"data": payload, **{k: v.encode() for k, v in kind.params}})
         try:
             return self.stub.Predictions(request, timeout=timeout, metadata=metadata).prediction
         except grpc.RpcError as err:
@@ -242,10 +245,11 @@ class Report:
         return not self.errors and len(self.samples) == self.requests and not self.hung
 
 
-def _timed(sender: Sender, kind: Kind, inputs: Inputs, deadline: float, timeout: float) -> Sample:
+def _timed(sender: Sender, kind: Kind, inputs: Inputs, deadline: float, timeout: float | None) -> Sample:
     started = time.perf_counter()
     try:
-        sender.send(kind, inputs[kind.input], min(timeout, deadline - time.monotonic()))
+        left = deadline - time.monotonic()
+        sender.send(kind, inputs[kind.input], left if timeout is None else min(timeout, left))
         status = None
     except Failure as err:
         status = err.status
@@ -253,13 +257,15 @@ def _timed(sender: Sender, kind: Kind, inputs: Inputs, deadline: float, timeout:
 
 
 def run_load(target: Target, inputs: Inputs, n_requests: int = DEFAULT_REQUESTS,
-             concurrency: int = DEFAULT_CONCURRENCY, time_limit: float = 600.0, timeout: float = 300.0,
+             concurrency: int = DEFAULT_CONCURRENCY, time_limit: float = DEFAULT_TIME_LIMIT,
+             timeout: float | None = None,
              warmup: bool = True, kinds: tuple[Kind, ...] = KINDS) -> Report:
     """Warm up each kind once (sequentially), then send ``n_requests`` from ``concurrency`` threads."""
     deadline = time.monotonic() + time_limit
     report = Report(n_requests, concurrency)
+    stubs = ensure_stubs() if any(k.transport == "grpc" for k in kinds) else None
     if warmup:  # first calls load lazily built state; a failing kind stops the run before the burst
-        sender = Sender(target)
+        sender = Sender(target, stubs)
         report.warmup = [_timed(sender, kind, inputs, deadline, timeout) for kind in kinds]
         sender.close()
         if report.errors:
@@ -274,7 +280,7 @@ def run_load(target: Target, inputs: Inputs, n_requests: int = DEFAULT_REQUESTS,
 
     def client() -> None:
         nonlocal taken
-        sender = Sender(target)
+        sender = Sender(target, stubs)
         try:
             start.wait()
             while True:
@@ -330,6 +336,8 @@ def print_report(report: Report, target: Target, out=sys.stdout) -> None:
     if report.hung:
         print(f"  {report.hung} client threads still waiting after the time limit", file=out)
     if report.errors:  # status codes only: a body may echo input or server internals
+        counts = Counter(s.status for s in report.errors)
+        print("  errors by status: " + ", ".join(f"{status} x{n}" for status, n in counts.most_common()), file=out)
         first = "; ".join(f"{label(s.kind)}: {s.status}" for s in report.errors[:FIRST_ERRORS])
         print(f"  first errors: {first}", file=out)
 
@@ -372,8 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adni-data", type=Path, help="MRI set (default: DATA/adni)")
     parser.add_argument("--requests", type=int, default=DEFAULT_REQUESTS, help="requests in the burst")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="client threads")
-    parser.add_argument("--time-limit", type=float, default=600.0, help="seconds for the whole run, warm-up included")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (adni responseTimeout)")
+    parser.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT,
+                        help="seconds for the whole run, warm-up included")
+    parser.add_argument("--timeout", type=float, help="seconds per request (default: until the time limit)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the sequential request per kind")
     args = parser.parse_args(argv)
     if (args.model_store is None) == (args.url is None) or (args.url and not args.grpc):

@@ -60,8 +60,8 @@ def test_refused_requests_fail_the_run_and_only_status_codes_are_printed(torchse
     assert rc == 1, out
     first = next(line for line in out.splitlines() if "first errors:" in line)
     statuses = {entry.rpartition(": ")[2] for entry in first.split("first errors: ")[1].split("; ")}
-    # TorchServe refuses a wrong token with HTTP 401 over REST and PERMISSION_DENIED over gRPC.
-    assert statuses == {"401", "grpc PERMISSION_DENIED"}, out
+    # TorchServe 0.12 refuses a wrong token with HTTP 400 over REST and PERMISSION_DENIED over gRPC.
+    assert statuses == {"400", "grpc PERMISSION_DENIED"}, out
     assert "Authorization failed" not in out, out  # TorchServe's message (the body) is not echoed
     assert int(_table(out)["all"][1]) == 10
 
