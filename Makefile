@@ -113,6 +113,7 @@ test: setup lint deploy-tools
 bench: $(ARCHIVES)
 	$(PY) -m devstack.bench --build $(BUILD)
 	$(PY) -m batch.bench --archive $(MAR_DIR)/ddsm.mar --data $(DATA)/ddsm
+	$(PY) -m devstack.load --model-store $(MAR_DIR) --data $(DATA)
 
 clean:
 	-$(PY) -m devstack stop --state $(BUILD)/stack
