@@ -102,3 +102,32 @@ def test_apply_is_idempotent_and_the_cli_writes_policy_documents(minio_server, s
     assert {p.name for p in tmp_path.iterdir()} == {f"medxai-{c}.json" for c in iam.COMPONENTS}
     with pytest.raises(ValueError, match="unknown component"):
         iam.policy("admin")
+
+
+def test_devstack_gives_each_component_its_own_user_and_env_file(tmp_path):
+    """What `make serve` / `make demo` do: root only provisions; components get their own env files."""
+    from devstack.services import MinioServer
+    from devstack.stack import provision_storage, ui_env
+    from medxplain_client.s3 import S3Config
+
+    server = MinioServer(data_dir=tmp_path / "data", log_path=tmp_path / "minio.log").start()
+    try:
+        state = tmp_path / "state"
+        state.mkdir()
+        files = provision_storage(server, state)
+        assert set(files) == {*iam.COMPONENTS, "admin"} and Path(files["batch"]).name == "minio.env"
+        assert all(Path(f).stat().st_mode & 0o777 == 0o600 for f in files.values())
+        configs = {c: S3Config.from_env({}, env_file=Path(f)) for c, f in files.items()}
+        assert len({c.access_key for c in configs.values()}) == len(configs)  # one identity each
+        assert configs["admin"].access_key == server.access_key
+        ui, batch = configs["ui"].client(), configs["batch"].client()
+        assert denied(put, ui, "medxai-models", "releases/1.0/model-store/ddsm.mar")
+        assert denied(put, ui, "medxai", "runs/x/run.json")
+        put(ui, "medxai", "annotations/ddsm/v/unit-0001/demo-a/1.json")
+        put(batch, "medxai", "runs/x/run.json")
+        assert denied(put, batch, "medxai-models", "releases/1.0/model-store/ddsm.mar")
+        env = ui_env({"minio": {"credentials": files},
+                      "torchserve": {"inference": "http://127.0.0.1:1", "token_file": "/nonexistent"}})
+        assert env["MEDXAI_S3_ENV_FILE"] == files["ui"] and env["MEDXAI_UI_DEMO"] == "1"
+    finally:
+        server.stop()

@@ -15,7 +15,6 @@ Demo answers are stored with ``authenticated: false``; the consensus export and
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
@@ -55,8 +54,10 @@ def check_auth(auth: Mapping) -> list[str]:
 
     Offline checks only (what Streamlit needs, and URL shapes); the provider is contacted at login.
     """
-    if importlib.util.find_spec("authlib") is None:
-        raise AuthConfigError("Authlib is not installed (st.login needs it)")
+    try:
+        import authlib  # noqa: F401 -- st.login needs it; checked here so a missing one is an error page
+    except ImportError:
+        raise AuthConfigError("Authlib is not installed (st.login needs it)") from None
     for key in ("redirect_uri", "cookie_secret"):
         if not str(auth.get(key) or "").strip():
             raise AuthConfigError(f"[auth] has no {key}")
