@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import shutil
 import sys
 import tempfile
@@ -62,25 +63,42 @@ SIDECARS = (".mar.json", ".mar.sha256", ".mar.sha256.sig")  # written by `python
 
 
 def cmd_upload(args: argparse.Namespace) -> None:
-    client, parse_s3_url = _storage()
-    bucket, prefix = parse_s3_url(args.dest)
+    """Upload a model store folder; with MEDXAI_ARCHIVE_KEY_FILE, sign each checked digest on the way."""
+    from model_store.integrity import ArchiveIntegrityError, signature, signing_key, verify_archive
+
+    key = signing_key()
     source = Path(args.source)
     archives = sorted(source.glob("*.mar"))
     if not archives:
         sys.exit(f"no .mar archives in {args.source} (build them with `make archives`)")
+    signatures = {}
     for mar in archives:
-        if not mar.with_name(mar.name + ".sha256").is_file():
-            sys.exit(f"{mar.name}: no {mar.name}.sha256 next to it (rebuild with `python -m model_store archive`)")
-    files = archives + sorted(f for suffix in SIDECARS for f in source.glob(f"*{suffix}"))
+        try:
+            verify_archive(mar)  # the local digest file must match before anyone signs it
+        except ArchiveIntegrityError as err:
+            sys.exit(f"refused: {err} (rebuild with `python -m model_store archive`)")
+        if key:
+            signatures[f"{mar.name}.sha256.sig"] = (signature(key, mar.with_name(mar.name + ".sha256").read_text())
+                                                    + "\n").encode()
+    client, parse_s3_url = _storage()
+    bucket, prefix = parse_s3_url(args.dest)
+    files = archives + sorted(f for suffix in SIDECARS for f in source.glob(f"*{suffix}") if f.name not in signatures)
     uploads = [(f, f"model-store/{f.name}") for f in files]
     if args.config:
         uploads.append((Path(args.config), "config/config.properties"))
     if not client.bucket_exists(bucket):
         client.make_bucket(bucket)
+
+    def where(rel: str) -> str:
+        return f"{prefix}/{rel}" if prefix else rel
+
     for path, rel in uploads:
-        key = f"{prefix}/{rel}" if prefix else rel
-        client.fput_object(bucket, key, str(path), metadata={"sha256": _sha256(path)})
-        print(f"uploaded s3://{bucket}/{key}")
+        client.fput_object(bucket, where(rel), str(path), metadata={"sha256": _sha256(path)})
+        print(f"uploaded s3://{bucket}/{where(rel)}")
+    for name, body in signatures.items():
+        client.put_object(bucket, where(f"model-store/{name}"), io.BytesIO(body), len(body),
+                          metadata={"sha256": hashlib.sha256(body).hexdigest()})
+        print(f"signed and uploaded s3://{bucket}/{where(f'model-store/{name}')}")
 
 
 def _model_of(name: str) -> str:
@@ -154,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("buckets", help="create buckets that do not exist yet")
     p.add_argument("buckets", nargs="+")
     p.set_defaults(func=cmd_buckets)
-    p = sub.add_parser("upload", help="upload *.mar (+ .mar.json, config) as a model release")
+    p = sub.add_parser("upload", help="upload *.mar (+ digests, config) as a model release; signs the digests "
+                       "when MEDXAI_ARCHIVE_KEY_FILE is set")
     p.add_argument("--source", required=True, help="folder holding <name>.mar files")
     p.add_argument("--dest", required=True, help="s3://bucket/release-prefix")
     p.add_argument("--config", help="config.properties stored as config/config.properties (KServe layout)")

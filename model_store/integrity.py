@@ -61,7 +61,8 @@ def signing_key(environ: Mapping[str, str] | None = None) -> bytes | None:
     return key
 
 
-def _sign(key: bytes, line: str) -> str:
+def signature(key: bytes, line: str) -> str:
+    """HMAC-SHA256 (hex) of a digest line: the content of ``<name>.mar.sha256.sig``."""
     return hmac.new(key, line.encode(), hashlib.sha256).hexdigest()
 
 
@@ -73,7 +74,7 @@ def write_digest(mar: Path, key: bytes | None = None) -> Path:
     digest_file.write_text(line)
     signature = mar.with_name(mar.name + SIGNATURE_SUFFIX)
     if key:
-        signature.write_text(_sign(key, line) + "\n")
+        signature.write_text(signature(key, line) + "\n")
     else:
         signature.unlink(missing_ok=True)  # a stale signature from an earlier key would mislead
     return digest_file
@@ -121,7 +122,7 @@ def verify_archive(mar: Path, key: bytes | None = None, digests: Mapping[str, st
             except OSError:
                 raise ArchiveIntegrityError(f"{name}: no signature ({name}{SIGNATURE_SUFFIX}) but a signing key "
                                             "is configured, refusing to load it") from None
-            if not hmac.compare_digest(signature, _sign(key, line)):
+            if not hmac.compare_digest(signature, signature(key, line)):
                 raise ArchiveIntegrityError(f"{name}: digest signature does not match the signing key, "
                                             "refusing to load it")
     actual = sha256_file(mar)
