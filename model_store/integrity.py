@@ -72,11 +72,11 @@ def write_digest(mar: Path, key: bytes | None = None) -> Path:
     line = f"{sha256_file(mar)}  {mar.name}\n"
     digest_file = mar.with_name(mar.name + DIGEST_SUFFIX)
     digest_file.write_text(line)
-    signature = mar.with_name(mar.name + SIGNATURE_SUFFIX)
+    sig_file = mar.with_name(mar.name + SIGNATURE_SUFFIX)
     if key:
-        signature.write_text(signature(key, line) + "\n")
+        sig_file.write_text(signature(key, line) + "\n")
     else:
-        signature.unlink(missing_ok=True)  # a stale signature from an earlier key would mislead
+        sig_file.unlink(missing_ok=True)  # a stale signature from an earlier key would mislead
     return digest_file
 
 
@@ -118,11 +118,11 @@ def verify_archive(mar: Path, key: bytes | None = None, digests: Mapping[str, st
         expected = match.group(1)
         if key:
             try:
-                signature = mar.with_name(name + SIGNATURE_SUFFIX).read_text().strip()
+                stored = mar.with_name(name + SIGNATURE_SUFFIX).read_text().strip()
             except OSError:
                 raise ArchiveIntegrityError(f"{name}: no signature ({name}{SIGNATURE_SUFFIX}) but a signing key "
                                             "is configured, refusing to load it") from None
-            if not hmac.compare_digest(signature, signature(key, line)):
+            if not hmac.compare_digest(stored, signature(key, line)):
                 raise ArchiveIntegrityError(f"{name}: digest signature does not match the signing key, "
                                             "refusing to load it")
     actual = sha256_file(mar)

@@ -457,7 +457,8 @@ def test_oidc_login_required_and_answers_marked_authenticated(ui_env, annotation
     ({"client_id": None, "client_secret": None, "server_metadata_url": None}, "names no identity provider"),
     ({"client_secret": ""}, "missing client_secret"),
 ])
-def test_broken_auth_is_an_error_page_never_demo_mode(ui_env, change, problem):
+def test_broken_auth_is_an_error_page_never_demo_mode(change, problem, monkeypatch):
+    monkeypatch.setenv("MEDXAI_UI_DEMO", "1")
     auth = {k: v for k, v in {**AUTH, **change}.items() if v is not None}
     at = auth_app(auth, READER)  # even a "logged-in" user and MEDXAI_UI_DEMO=1 get no further
     assert not at.exception
@@ -466,7 +467,7 @@ def test_broken_auth_is_an_error_page_never_demo_mode(ui_env, change, problem):
     assert AUTH["client_secret"] not in at.error[0].value and "x" * 32 not in at.error[0].value  # names, not values
 
 
-def test_authlib_missing_is_an_error_page(ui_env, monkeypatch):
+def test_authlib_missing_is_an_error_page(monkeypatch):
     monkeypatch.setitem(sys.modules, "authlib", None)  # what `import authlib` sees when it is not installed
     at = auth_app(AUTH, READER)
     assert at.error and "Authlib is not installed" in at.error[0].value and not at.title
@@ -481,7 +482,8 @@ def test_no_login_and_no_demo_flag_is_an_error_page(ui_env, monkeypatch):
     monkeypatch.setenv("MEDXAI_UI_DEMO", "1")
     at = auth_app(None)
     no_errors(at)
-    assert at.warning and "Demo mode" in at.warning[0].value and at.text_input(key="annotator_name")
+    assert at.warning and "Demo mode" in at.warning[0].value
+    assert at.text_input(key="annotator_name").label == "Annotator name"
 
 
 def test_overlay_decodes_every_api_encoding_and_blends():
