@@ -2,7 +2,7 @@
 
 | component | may | may not |
 | --- | --- | --- |
-| ``ui`` | list the results bucket, read ``runs/`` and ``annotations/``, add objects under ``annotations/`` | delete anything, write runs, inputs or models, read models or inputs |
+| ``ui`` | list and read ``runs/`` and ``annotations/``, add objects under ``annotations/`` | delete anything, write runs, inputs or models, read or list models or inputs (their keys are the hospital's file names) |
 | ``batch`` | read ``inputs/``, ``runs/`` and the models bucket; write and delete under ``runs/`` | write models or annotations |
 | ``serve`` | list and read the models bucket | write anything, read results |
 | ``release`` | read and write ``releases/`` of the models bucket (publishing archives) | touch results |
@@ -49,7 +49,9 @@ def policy(component: str, results: Iterable[str] = (RESULTS_BUCKET,), models: I
         return {"Effect": "Allow", "Action": actions, "Resource": [_arn(k) for k in keys]}
 
     if component == "ui":
-        statements = [buckets(results),
+        statements = [{"Effect": "Allow", "Action": ["s3:GetBucketLocation"], "Resource": [_arn(b) for b in results]},
+                      {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [_arn(b) for b in results],
+                       "Condition": {"StringLike": {"s3:prefix": ["runs", "runs/*", "annotations", "annotations/*"]}}},
                       objects(["s3:GetObject"], [f"{b}/{p}/*" for b in results for p in ("runs", "annotations")]),
                       objects(["s3:PutObject"], [f"{b}/annotations/*" for b in results])]
     elif component == "batch":

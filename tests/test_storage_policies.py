@@ -55,6 +55,8 @@ def test_ui_reads_runs_and_adds_annotations_only(seeded):
     assert denied(put, ui, RESULTS, "inputs/set/b.png")  # nor inputs
     assert denied(ui.remove_object, RESULTS, "annotations/ddsm/v/unit-0001/demo-a/1.json")  # nor delete answers
     assert denied(read_object, ui, RESULTS, "inputs/set/a.png")
+    assert denied(lambda: list(ui.list_objects(RESULTS, prefix="inputs/", recursive=True)))  # input file names
+    assert denied(lambda: list(ui.list_objects(RESULTS, recursive=True)))  # nor the whole bucket
     assert denied(read_object, ui, MODELS, "releases/1.0/model-store/ddsm.mar")
     assert denied(ui.make_bucket, "ui-made-bucket")
 

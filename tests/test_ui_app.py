@@ -383,7 +383,7 @@ def test_similar_upload_and_analyse_through_torchserve(ui_env, torchserve, ddsm_
 
 
 def test_no_run_and_bad_settings_give_messages(ui_env, monkeypatch):
-    monkeypatch.setenv("MEDXAI_UI_RUNS", f"s3://{BUCKET}/no-runs-here")
+    monkeypatch.setenv("MEDXAI_UI_RUNS", f"s3://{BUCKET}/runs/none-here")
     at = app()
     no_errors(at)
     assert at.info and "No finished runs" in at.info[0].value
