@@ -109,17 +109,17 @@ def test_serve_entrypoint_verifies_before_exec(model_store, tmp_path):
            "TMPDIR": str(tmp_path)}
     env.pop("MEDXAI_ARCHIVE_KEY_FILE", None)
     good = copy_store(model_store, tmp_path / "good", ("ddsm", "adni"))
-    # good archives: verified, then TorchServe is exec'd (--version makes it print and exit instead of serving)
+    # good archives: verified, then TorchServe is exec'd; an option its own parser rejects (--version
+    # with --start) makes it exit at once instead of serving, which shows that it was reached
     proc = subprocess.run([*entry, "--model-store", str(good), "--version"], capture_output=True, text=True,
                           env=env, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert "verified ddsm.mar" in proc.stdout and "verified adni.mar" in proc.stdout
-    assert "TorchServe Version" in proc.stdout
+    assert "verified ddsm.mar" in proc.stdout and "verified adni.mar" in proc.stdout, proc.stderr
+    assert "usage: torchserve" in proc.stderr and "not allowed with argument --start" in proc.stderr
     bad = copy_store(model_store, tmp_path / "bad", ("ddsm", "adni"))
     flip_byte(bad / "adni.mar")
     proc = subprocess.run([*entry, "--model-store", str(bad), "--version"], capture_output=True, text=True,
                           env=env, timeout=120, check=False)
-    assert proc.returncode == 1 and "TorchServe Version" not in proc.stdout
+    assert proc.returncode == 1 and "usage: torchserve" not in proc.stderr and "verified" not in proc.stdout
     assert proc.stderr.strip().count("\n") == 0 and "adni.mar" in proc.stderr and "Traceback" not in proc.stderr
     assert set(verify_store(good)) == {"ddsm.mar", "adni.mar"}
 
