@@ -2,7 +2,7 @@
 
 | component | may | may not |
 | --- | --- | --- |
-| ``ui`` | list and read ``runs/`` and ``annotations/``, add objects under ``annotations/`` | delete anything, write runs, inputs or models, read or list models or inputs (their keys are the hospital's file names) |
+| ``ui`` | list and read ``runs/`` and ``annotations/``, add objects under ``annotations/`` | delete anything, write runs, inputs or models, read or list models or inputs (their keys are the hospital's file names), read a run's ``private/`` objects |
 | ``batch`` | read ``inputs/``, ``runs/`` and the models bucket; write and delete under ``runs/`` | write models or annotations |
 | ``serve`` | list and read the models bucket | write anything, read results |
 | ``release`` | read and write ``releases/`` of the models bucket (publishing archives) | touch results |
@@ -53,7 +53,10 @@ def policy(component: str, results: Iterable[str] = (RESULTS_BUCKET,), models: I
                       {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [_arn(b) for b in results],
                        "Condition": {"StringLike": {"s3:prefix": ["runs", "runs/*", "annotations", "annotations/*"]}}},
                       objects(["s3:GetObject"], [f"{b}/{p}/*" for b in results for p in ("runs", "annotations")]),
-                      objects(["s3:PutObject"], [f"{b}/annotations/*" for b in results])]
+                      objects(["s3:PutObject"], [f"{b}/annotations/*" for b in results]),
+                      # a run's private/ objects map pseudonymous ids back to source keys: never for the UI
+                      {"Effect": "Deny", "Action": ["s3:GetObject"],
+                       "Resource": [_arn(f"{b}/runs/*/private/*") for b in results]}]
     elif component == "batch":
         statements = [buckets(results + models),
                       objects(["s3:GetObject"], [f"{b}/{p}/*" for b in results for p in ("inputs", "runs")]

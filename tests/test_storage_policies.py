@@ -38,7 +38,7 @@ def denied(call, *args) -> bool:
 @pytest.fixture(scope="module")
 def seeded(minio_server, storage_users):
     admin = minio_server.client()
-    for bucket, key in ((RESULTS, "inputs/set/a.png"), (RESULTS, "runs/r1/run.json"),
+    for bucket, key in ((RESULTS, "inputs/set/a.png"), (RESULTS, "runs/r1/run.json"), (RESULTS, "runs/r1/private/ids.json"),
                         (RESULTS, "annotations/ddsm/v/unit-0001/demo-a/1.json"), (MODELS, "releases/1.0/model-store/ddsm.mar")):
         put(admin, bucket, key, b"seed")
     return {c: cfg.client() for c, cfg in storage_users.items()}
@@ -47,7 +47,9 @@ def seeded(minio_server, storage_users):
 def test_ui_reads_runs_and_adds_annotations_only(seeded):
     ui = seeded["ui"]
     assert read_object(ui, RESULTS, "runs/r1/run.json") == b"seed"
-    assert [o.object_name for o in ui.list_objects(RESULTS, prefix="runs/", recursive=True)] == ["runs/r1/run.json"]
+    assert "runs/r1/run.json" in [o.object_name for o in ui.list_objects(RESULTS, prefix="runs/", recursive=True)]
+    assert denied(read_object, ui, RESULTS, "runs/r1/private/ids.json")  # id -> source key mapping
+    assert read_object(seeded["batch"], RESULTS, "runs/r1/private/ids.json") == b"seed"
     put(ui, RESULTS, "annotations/ddsm/v/unit-0001/demo-b/2.json")
     assert read_object(ui, RESULTS, "annotations/ddsm/v/unit-0001/demo-b/2.json") == b"x"
     assert denied(put, ui, MODELS, "releases/1.0/model-store/ddsm.mar")  # cannot write models
