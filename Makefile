@@ -83,7 +83,8 @@ $(DEPLOY_TOOLS)/.installed: requirements-deploy.txt
 # File targets make every step idempotent: data, models and archives are built once and reused.
 DDSM_DATA := $(DATA)/ddsm/dataset.json
 ADNI_DATA := $(DATA)/adni/dataset.json
-ARCHIVES := $(MAR_DIR)/ddsm.mar $(MAR_DIR)/adni.mar
+# The digest file is written last (model_store/integrity.py), so it stands for a complete, checkable archive.
+ARCHIVES := $(MAR_DIR)/ddsm.mar.sha256 $(MAR_DIR)/adni.mar.sha256
 
 data: $(DDSM_DATA) $(ADNI_DATA)
 train: $(MODELS)/ddsm/model.json $(MODELS)/adni/model.json
@@ -95,7 +96,7 @@ $(DATA)/%/dataset.json: | setup
 $(MODELS)/%/model.json: $(DATA)/%/dataset.json
 	$(PY) -m model_store train --model $* --profile $(DEMO_PROFILE) --data $(DATA)/$* --out $(MODELS)/$*
 
-$(MAR_DIR)/%.mar: $(MODELS)/%/model.json
+$(MAR_DIR)/%.mar.sha256: $(MODELS)/%/model.json
 	$(PY) -m model_store archive --bundle $(MODELS)/$* --out $(MAR_DIR)
 
 serve: $(ARCHIVES)

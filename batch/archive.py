@@ -2,6 +2,9 @@
 
 A ``.mar`` is a zip; member names are checked before anything is written (no absolute paths, no
 ``..``, no links), so a crafted archive cannot write outside the temporary folder (zip-slip).
+Before that, its sha256 must match the published ``<name>.mar.sha256`` (and its HMAC signature when
+``MEDXAI_ARCHIVE_KEY_FILE`` is set, see :mod:`model_store.integrity`): the archive's handler code
+would otherwise run unchecked inside the job.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from handlers.engine import Engine
-from model_store.bundle import sha256_file
+from model_store.integrity import ArchiveIntegrityError, signing_key, verify_archive
 
 MAX_UNPACKED_BYTES = 8 * 1024 ** 3
 
@@ -71,6 +74,10 @@ def load_archive(mar: Path, expected_kind: str | None = None) -> LoadedArchive:
     mar = Path(mar)
     if not mar.is_file():
         raise ArchiveError(f"model archive not found: {mar}")
+    try:
+        sha256 = verify_archive(mar, signing_key())
+    except ArchiveIntegrityError as err:
+        raise ArchiveError(str(err)) from None
     directory = Path(tempfile.mkdtemp(prefix="medxai-mar-"))
     try:
         safe_extract(mar, directory)
@@ -79,7 +86,7 @@ def load_archive(mar: Path, expected_kind: str | None = None) -> LoadedArchive:
         engine = Engine.from_model_dir(directory)
         if expected_kind and engine.kind != expected_kind:
             raise ArchiveError(f"{mar} is a {engine.kind!r} model, but --model {expected_kind} was given")
-        return LoadedArchive(mar, sha256_file(mar), engine, directory)
+        return LoadedArchive(mar, sha256, engine, directory)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise

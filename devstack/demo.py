@@ -59,13 +59,17 @@ def stage_held_out(s3: S3Config, data_dir: Path, index: str, prefix: str) -> int
     return len(rows)
 
 
-def run_batches(build: Path, s3: S3Config) -> dict[str, str]:
-    """One batch run per model over its staged held-out split; returns model -> run URL."""
+def run_batches(build: Path, admin: S3Config, s3: S3Config) -> dict[str, str]:
+    """One batch run per model over its staged held-out split; returns model -> run URL.
+
+    The inputs are staged with the administrator's credentials (as a hospital's ingest would drop
+    them); the job itself runs as the batch user, which may read inputs but not write them.
+    """
     from batch.runner import RunOptions, run_batch
 
     runs = {}
     for model, index in INDEX.items():
-        n = stage_held_out(s3, build / "data" / model, index, f"inputs/{model}-test")
+        n = stage_held_out(admin, build / "data" / model, index, f"inputs/{model}-test")
         output = f"s3://{DEMO_BUCKET}/runs/{model}-demo"
         print(f"\nbatch {model}: {n} held-out inputs from s3://{DEMO_BUCKET}/inputs/{model}-test -> {output}")
         result = run_batch(RunOptions(model=model, archive=build / "model-store" / f"{model}.mar",
@@ -99,8 +103,9 @@ def run_demo(build: Path) -> None:
             for region in result.get("regions", {}).get("gradcam", [])[:3]:
                 print(f"  region #{region['rank']} by Grad-CAM relevance: {region['name']}")
             print("  files: " + ", ".join(str(p) for p in written))
-    s3 = S3Config.from_env(env_file=Path(info["minio"]["credentials_file"]))
-    runs = run_batches(build, s3)
+    credentials = info["minio"]["credentials"]
+    runs = run_batches(build, S3Config.from_env(env_file=Path(credentials["admin"])),
+                       S3Config.from_env(env_file=Path(credentials["batch"])))
     info = start_ui(build / "stack")
     print()
     print_endpoints(info)

@@ -141,6 +141,11 @@ class MinioServer:
         from minio import Minio
         return Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False)
 
+    def admin_config(self):
+        """The root user's settings: for creating buckets, users and policies only (devstack/iam.py)."""
+        from medxplain_client.s3 import S3Config
+        return S3Config(self.endpoint, False, self.access_key, self.secret_key)
+
 
 @dataclass
 class TorchServeServer:
@@ -197,8 +202,20 @@ class TorchServeServer:
             props["disable_token_authorization"] = "true"
         return props
 
+    def verify_archives(self) -> dict[str, str]:
+        """Every archive to load must match its published sha256 (and signature): the ``.mar`` carries
+        handler code that TorchServe executes."""
+        from model_store.integrity import ArchiveIntegrityError, signing_key, verify_archive
+
+        try:
+            key = signing_key()
+            return {name: verify_archive(self.model_store / file, key) for name, file in self.models.items()}
+        except ArchiveIntegrityError as err:
+            raise ServiceError(f"TorchServe not started: {err}") from None
+
     def start(self, timeout: float = 240.0) -> TorchServeServer:
         self.workdir, self.model_store = self.workdir.resolve(), self.model_store.resolve()  # it runs in workdir
+        self.verify_archives()
         for sub in ("tmp", "logs", "workflow-store"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "config.properties"

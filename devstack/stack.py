@@ -1,4 +1,11 @@
-"""Start and stop the local stack (MinIO + TorchServe) and remember it in a state file."""
+"""Start and stop the local stack (MinIO + TorchServe) and remember it in a state file.
+
+MinIO's root user only creates buckets, users and policies (``devstack/iam.py``); every component
+gets its own user and env file under the state folder: ``minio.env`` (batch: read inputs and
+models, write runs; what the README's batch commands use), ``minio-ui.env`` (read runs, add
+annotations), ``minio-serve.env`` (read models), ``minio-release.env`` (publish archives) and
+``minio-admin.env`` (root: bucket and input staging, policies).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import os
 import socket
 from pathlib import Path
 
+from devstack import iam
 from devstack.services import MinioServer, ServiceError, StreamlitServer, TorchServeServer, stop_process_group
 from medxplain_client.s3 import S3Config
 
@@ -32,6 +40,23 @@ def _check_ports_free(names: list[str]) -> None:
                                    f"(`make stop` for an earlier stack) or set MEDXAI_PORT_{name.upper()}")
 
 
+def env_file_name(component: str) -> str:
+    return "minio.env" if component == "batch" else f"minio-{component}.env"
+
+
+def provision_storage(minio: MinioServer, state: Path) -> dict[str, str]:
+    """Buckets, one user + policy per component, and their env files (0600); component -> env file."""
+    users = {c: iam.Credentials.generate(c) for c in iam.COMPONENTS}
+    iam.apply(minio.admin_config(), users)
+    files = {}
+    for component, creds in {**users, "admin": iam.Credentials(minio.access_key, minio.secret_key)}.items():
+        path = state / env_file_name(component)
+        path.write_text(S3Config(minio.endpoint, False, creds.access_key, creds.secret_key).env_lines())
+        path.chmod(0o600)
+        files[component] = str(path.resolve())
+    return files
+
+
 def start(state: Path, model_store: Path) -> dict:
     if _state_file(state).exists():
         stop(state)
@@ -44,6 +69,7 @@ def start(state: Path, model_store: Path) -> dict:
                         port=_port("minio"), console_port=_port("minio_console"))
     minio.start()
     try:
+        credentials = provision_storage(minio, state)
         ts = TorchServeServer(workdir=state / "torchserve", model_store=model_store.resolve(), models=models,
                               inference_port=_port("inference"), management_port=_port("management"),
                               metrics_port=_port("metrics"), grpc_port=_port("grpc"),
@@ -53,14 +79,12 @@ def start(state: Path, model_store: Path) -> dict:
         minio.stop()
         raise
     info = {
-        "minio": {"endpoint": minio.endpoint, "pid": minio.pid, "credentials_file": str((state / "minio.env").resolve())},
+        "minio": {"endpoint": minio.endpoint, "pid": minio.pid, "credentials_file": credentials["batch"],
+                  "credentials": credentials},
         "torchserve": {"inference": ts.inference_url, "management": ts.management_url, "metrics": ts.metrics_url,
                        "grpc": f"127.0.0.1:{ts.grpc_port}", "pid": ts.pid, "token_file": str(ts.key_file),
                        "models": sorted(models)},
     }
-    env_file = state / "minio.env"
-    env_file.write_text(S3Config(minio.endpoint, False, minio.access_key, minio.secret_key).env_lines())
-    env_file.chmod(0o600)
     _state_file(state).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -80,8 +104,8 @@ def stop(state: Path) -> None:
 
 
 def ui_env(info: dict) -> dict[str, str]:
-    """The UI's settings: where runs and annotations live and how to reach TorchServe."""
-    return {"MEDXAI_S3_ENV_FILE": info["minio"]["credentials_file"],
+    """The UI's settings: its own storage user, how to reach TorchServe, and demo mode (no OIDC locally)."""
+    return {"MEDXAI_S3_ENV_FILE": info["minio"]["credentials"]["ui"], "MEDXAI_UI_DEMO": "1",
             "MEDXAI_TORCHSERVE_URL": info["torchserve"]["inference"],
             "MEDXAI_TORCHSERVE_KEY_FILE": info["torchserve"]["token_file"]}
 
@@ -101,6 +125,8 @@ def print_endpoints(info: dict) -> None:
     print(f"TorchServe gRPC  {ts['grpc']}")
     print(f"management       {ts['management']} (loopback only)   metrics {ts['metrics']}/metrics")
     print(f"token file       {ts['token_file']}  (send 'Authorization: Bearer <inference key>')")
-    print(f"MinIO            http://{minio['endpoint']}  credentials in {minio['credentials_file']}")
+    print(f"MinIO            http://{minio['endpoint']}  per-component credentials: "
+          + ", ".join(f"{c} {Path(f).name}" for c, f in minio.get("credentials", {}).items())
+          + f" (in {Path(minio['credentials_file']).parent})")
     if "ui" in info:
         print(f"UI               {info['ui']['url']}  (log {info['ui']['log']})")

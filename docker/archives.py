@@ -3,7 +3,7 @@
 A model release lives under one S3 prefix in the layout KServe's TorchServe runtime also reads:
 
     s3://<bucket>/<release prefix>/config/config.properties
-    s3://<bucket>/<release prefix>/model-store/<name>.mar      (+ <name>.mar.json digest files)
+    s3://<bucket>/<release prefix>/model-store/<name>.mar      (+ .mar.json, .mar.sha256, .mar.sha256.sig)
 
 Commands (storage settings from the ``MEDXAI_S3_*`` environment, see ``medxplain_client/s3.py``):
 
@@ -11,17 +11,24 @@ Commands (storage settings from the ``MEDXAI_S3_*`` environment, see ``medxplain
     python archives.py upload --source build/model-store --dest s3://medxai-models/releases/1.0 \
         [--config docker/serve/config.properties]
     python archives.py fetch --source s3://medxai-models/releases/1.0 --dest /home/model-server/model-store \
-        [--models ddsm,adni]
+        [--models ddsm,adni] [--digests digests.txt]
+    python archives.py verify --store /home/model-server/model-store [--digests digests.txt]
 
-Every uploaded object carries its sha256 in user metadata; ``fetch`` checks it, so a torn or
-tampered download stops the init container instead of serving a different model.
+Every uploaded object carries its sha256 in user metadata; ``fetch`` checks it (a torn download),
+and then checks each archive against its ``<name>.mar.sha256`` signed with the HMAC key in
+``MEDXAI_ARCHIVE_KEY_FILE`` (a Secret apart from any storage credential), or against a separately
+stored ``--digests`` list. Without either it refuses: whoever can write the bucket could otherwise
+ship Python code that TorchServe runs. ``verify`` repeats the check on a local folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import io
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 SHA_KEY = "x-amz-meta-sha256"
@@ -52,50 +59,111 @@ def cmd_buckets(args: argparse.Namespace) -> None:
             print(f"bucket {bucket}: created")
 
 
+SIDECARS = (".mar.json", ".mar.sha256", ".mar.sha256.sig")  # written by `python -m model_store archive`
+
+
 def cmd_upload(args: argparse.Namespace) -> None:
+    """Upload a model store folder; with MEDXAI_ARCHIVE_KEY_FILE, sign each checked digest on the way."""
+    from model_store.integrity import ArchiveIntegrityError, signature, signing_key, verify_archive
+
+    key = signing_key()
+    source = Path(args.source)
+    archives = sorted(source.glob("*.mar"))
+    if not archives:
+        sys.exit(f"no .mar archives in {args.source} (build them with `make archives`)")
+    signatures = {}
+    for mar in archives:
+        try:
+            verify_archive(mar)  # the local digest file must match before anyone signs it
+        except ArchiveIntegrityError as err:
+            sys.exit(f"refused: {err} (rebuild with `python -m model_store archive`)")
+        if key:
+            signatures[f"{mar.name}.sha256.sig"] = (signature(key, mar.with_name(mar.name + ".sha256").read_text())
+                                                    + "\n").encode()
     client, parse_s3_url = _storage()
     bucket, prefix = parse_s3_url(args.dest)
-    files = sorted(Path(args.source).glob("*.mar")) + sorted(Path(args.source).glob("*.mar.json"))
-    if not any(f.suffix == ".mar" for f in files):
-        sys.exit(f"no .mar archives in {args.source} (build them with `make archives`)")
+    files = archives + sorted(f for suffix in SIDECARS for f in source.glob(f"*{suffix}") if f.name not in signatures)
     uploads = [(f, f"model-store/{f.name}") for f in files]
     if args.config:
         uploads.append((Path(args.config), "config/config.properties"))
     if not client.bucket_exists(bucket):
         client.make_bucket(bucket)
+
+    def where(rel: str) -> str:
+        return f"{prefix}/{rel}" if prefix else rel
+
     for path, rel in uploads:
-        key = f"{prefix}/{rel}" if prefix else rel
-        client.fput_object(bucket, key, str(path), metadata={"sha256": _sha256(path)})
-        print(f"uploaded s3://{bucket}/{key}")
+        client.fput_object(bucket, where(rel), str(path), metadata={"sha256": _sha256(path)})
+        print(f"uploaded s3://{bucket}/{where(rel)}")
+    for name, body in signatures.items():
+        client.put_object(bucket, where(f"model-store/{name}"), io.BytesIO(body), len(body),
+                          metadata={"sha256": hashlib.sha256(body).hexdigest()})
+        print(f"signed and uploaded s3://{bucket}/{where(f'model-store/{name}')}")
+
+
+def _model_of(name: str) -> str:
+    return name.split(".mar")[0]
 
 
 def cmd_fetch(args: argparse.Namespace) -> None:
+    """Download into a staging folder, verify every archive there, then move the files into place."""
+    from model_store.integrity import ArchiveIntegrityError, read_digest_list, signing_key, verify_archive
+
+    key = signing_key()
+    digests = read_digest_list(Path(args.digests)) if args.digests else None
+    if key is None and digests is None:
+        sys.exit("refusing to fetch archives unverified: set MEDXAI_ARCHIVE_KEY_FILE (signed digests) "
+                 "or pass --digests FILE (a separately stored sha256 list)")
     client, parse_s3_url = _storage()
     bucket, prefix = parse_s3_url(args.source)
     store = f"{prefix}/model-store/" if prefix else "model-store/"
     wanted = {m.strip() for m in args.models.split(",") if m.strip()} if args.models else None
     dest = Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
-    fetched = []
-    for obj in client.list_objects(bucket, prefix=store):
-        name = obj.object_name[len(store):]
-        if "/" in name or not name.endswith((".mar", ".mar.json")):
-            continue
-        if wanted is not None and name.split(".mar")[0] not in wanted:
-            continue
-        part = dest / f".{name}.part"
-        client.fget_object(bucket, obj.object_name, str(part))
-        expected = (client.stat_object(bucket, obj.object_name).metadata or {}).get(SHA_KEY)
-        actual = _sha256(part)
-        if expected and expected != actual:
-            part.unlink()
-            sys.exit(f"sha256 mismatch for s3://{bucket}/{obj.object_name}: {actual} != {expected}")
-        part.replace(dest / name)  # atomic: TorchServe never sees a half-written archive
-        fetched.append(name)
-        print(f"fetched {name} ({actual[:12]})")
-    missing = (wanted or set()) - {n.split(".mar")[0] for n in fetched if n.endswith(".mar")}
-    if not any(n.endswith(".mar") for n in fetched) or missing:
-        sys.exit(f"no archive for {sorted(missing) or 'any model'} under s3://{bucket}/{store}")
+    staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=dest))  # same filesystem: moves are atomic
+    try:
+        fetched = []
+        for obj in client.list_objects(bucket, prefix=store):
+            name = obj.object_name[len(store):]
+            if "/" in name or not name.endswith((".mar", *SIDECARS)):
+                continue
+            if wanted is not None and _model_of(name) not in wanted:
+                continue
+            client.fget_object(bucket, obj.object_name, str(staging / name))
+            expected = (client.stat_object(bucket, obj.object_name).metadata or {}).get(SHA_KEY)
+            actual = _sha256(staging / name)
+            if expected and expected != actual:
+                sys.exit(f"sha256 mismatch for s3://{bucket}/{obj.object_name}: {actual} != {expected}")
+            fetched.append(name)
+        archives = [n for n in fetched if n.endswith(".mar")]
+        missing = (wanted or set()) - {_model_of(n) for n in archives}
+        if not archives or missing:
+            sys.exit(f"no archive for {sorted(missing) or 'any model'} under s3://{bucket}/{store}")
+        for name in archives:
+            try:
+                actual = verify_archive(staging / name, key, digests)
+            except ArchiveIntegrityError as err:
+                sys.exit(f"refused: {err}")
+            print(f"verified {name} ({actual[:12]}, {'signed digest' if digests is None else 'digest list'})")
+        for name in sorted(fetched, key=lambda n: n.endswith(".mar")):  # archives last
+            (staging / name).replace(dest / name)  # atomic: TorchServe never sees a half-written archive
+            print(f"fetched {name}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from model_store.integrity import ArchiveIntegrityError, read_digest_list, signing_key, verify_store
+
+    try:
+        digests = read_digest_list(Path(args.digests)) if args.digests else None
+        checked = verify_store(Path(args.store), signing_key(), digests)
+    except ArchiveIntegrityError as err:
+        sys.exit(f"refused: {err}")
+    if not checked:
+        sys.exit(f"no .mar archives in {args.store}")
+    for name, sha in checked.items():
+        print(f"verified {name} ({sha[:12]})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("buckets", help="create buckets that do not exist yet")
     p.add_argument("buckets", nargs="+")
     p.set_defaults(func=cmd_buckets)
-    p = sub.add_parser("upload", help="upload *.mar (+ .mar.json, config) as a model release")
+    p = sub.add_parser("upload", help="upload *.mar (+ digests, config) as a model release; signs the digests "
+                       "when MEDXAI_ARCHIVE_KEY_FILE is set")
     p.add_argument("--source", required=True, help="folder holding <name>.mar files")
     p.add_argument("--dest", required=True, help="s3://bucket/release-prefix")
     p.add_argument("--config", help="config.properties stored as config/config.properties (KServe layout)")
@@ -113,7 +182,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--source", required=True, help="s3://bucket/release-prefix")
     p.add_argument("--dest", required=True, help="model store folder")
     p.add_argument("--models", help="comma list of model names (default: every archive of the release)")
+    p.add_argument("--digests", help="separately stored sha256sum list to check the archives against "
+                   "(default: the release's <name>.mar.sha256, signed with MEDXAI_ARCHIVE_KEY_FILE)")
     p.set_defaults(func=cmd_fetch)
+    p = sub.add_parser("verify", help="check every archive of a model store folder against its digest")
+    p.add_argument("--store", required=True, help="model store folder")
+    p.add_argument("--digests", help="separately stored sha256sum list (default: <name>.mar.sha256 files)")
+    p.set_defaults(func=cmd_verify)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -48,7 +48,8 @@ def _train(args: argparse.Namespace) -> None:
 def _archive(args: argparse.Namespace) -> None:
     from model_store.archive import build_archive
 
-    mar = build_archive(args.bundle, args.out, model_name=args.name, unit_labels=args.unit_labels)
+    mar = build_archive(args.bundle, args.out, model_name=args.name, unit_labels=args.unit_labels,
+                        include_demo_answers=args.include_demo_answers)
     print(f"wrote {mar}")
 
 
@@ -63,6 +64,14 @@ def _digest(args: argparse.Namespace) -> None:
     from model_store.bundle import content_digest, mar_digest
 
     print(mar_digest(args.path) if args.path.is_file() else content_digest(args.path))
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from model_store.integrity import signing_key, verify_archive
+
+    key = signing_key()
+    for mar in args.archives:
+        print(f"{mar}: OK {verify_archive(mar, key)}{' (signed)' if key else ''}")
 
 
 def _calibrate(args: argparse.Namespace) -> None:
@@ -127,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, help="model store folder")
     p.add_argument("--name", help="model name (default: the bundle's)")
-    p.add_argument("--unit-labels", type=Path, help="consensus unit-label file to ship instead of the bundle's")
+    p.add_argument("--unit-labels", type=Path, help="consensus unit-label file to ship instead of the bundle's "
+                   "(refused if it holds demo-mode answers)")
+    p.add_argument("--include-demo-answers", action="store_true",
+                   help="ship a unit-label file that holds demo-mode (not logged-in) answers")
     p.set_defaults(func=_archive)
 
     p = sub.add_parser("import", help="turn a seed checkpoint (DeepMiner .pth.tar / cnn-interpretability state dict) into a bundle")
@@ -144,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("digest", help="print the content digest of a .mar or an unpacked archive folder")
     p.add_argument("path", type=Path)
     p.set_defaults(func=_digest)
+
+    p = sub.add_parser("verify", help="check .mar files against their published <name>.mar.sha256 (and signature)")
+    p.add_argument("archives", type=Path, nargs="+")
+    p.set_defaults(func=_verify)
 
     p = sub.add_parser("calibrate", help="ddsm: choose the full-mammogram lesion threshold on a held-out split")
     p.add_argument("--bundle", type=Path, required=True, help="model bundle to update (e.g. an imported checkpoint)")

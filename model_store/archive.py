@@ -4,6 +4,9 @@ The archive holds the bundle's files (weights as a state dict, model.json, model
 MRI normalisation volumes, brain mask and atlas), the per-model ``model-config.yaml`` and a
 one-line handler entry module; the engine itself is installed in the serving environment, so a
 ``.mar`` stays small and every server and batch job runs the same engine code.
+
+Next to each archive go ``<name>.mar.sha256`` (and ``.sha256.sig`` with a signing key, see
+:mod:`model_store.integrity`): every loader refuses an archive that does not match them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from model_store.bundle import MODEL_CARD, MODEL_JSON, WEIGHTS, mar_digest
+from model_store.integrity import signing_key, write_digest
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 HANDLER_DIR = Path(__file__).resolve().parents[1] / "handlers"
@@ -26,13 +30,44 @@ class ArchiveError(RuntimeError):
     pass
 
 
+class UnitLabelsError(ValueError):
+    """The unit-label file cannot go into an archive (the CLI prints it and exits 2)."""
+
+
+def check_unit_labels(path: Path, include_demo_answers: bool = False) -> dict:
+    """The consensus export, refused if it rests on demo-mode (unauthenticated) answers unless allowed.
+
+    The UI's export records its answers (``answers.authenticated`` / ``answers.demo``); a file that
+    does not say whose answers it holds is treated like one with demo answers.
+    """
+    try:
+        labels = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UnitLabelsError(f"cannot read the unit-label file {path}: {err}") from None
+    if not isinstance(labels, dict) or not isinstance(labels.get("units"), dict):
+        raise UnitLabelsError(f"{path} is not a unit-label file (no 'units' object)")
+    answers = labels.get("answers")
+    if include_demo_answers:
+        return labels
+    if not isinstance(answers, dict):
+        raise UnitLabelsError(f"{path} does not say whose answers it holds (export it from the UI's Units page); "
+                         "pass --include-demo-answers to ship it anyway")
+    if int(answers.get("demo") or 0) > 0:
+        raise UnitLabelsError(f"{path} rests on {int(answers['demo'])} demo-mode (not logged-in) answers; "
+                         "pass --include-demo-answers to ship them")
+    return labels
+
+
 def build_archive(bundle_dir: Path, export_dir: Path, model_name: str | None = None,
-                  unit_labels: Path | None = None) -> Path:
+                  unit_labels: Path | None = None, include_demo_answers: bool = False) -> Path:
     """Build ``{name}.mar`` from a bundle directory and return its path.
 
     ``unit_labels`` replaces the bundle's unit-label file: this is how the experts' consensus
-    export (from the annotation UI) goes into the next model version.
+    export (from the annotation UI) goes into the next model version; only authenticated
+    annotators' answers unless ``include_demo_answers``.
     """
+    if unit_labels:
+        check_unit_labels(unit_labels, include_demo_answers)
     meta = json.loads((bundle_dir / MODEL_JSON).read_text())
     kind, name, version = meta["kind"], model_name or meta["name"], meta["version"]
     export_dir.mkdir(parents=True, exist_ok=True)
@@ -61,4 +96,5 @@ def build_archive(bundle_dir: Path, export_dir: Path, model_name: str | None = N
     (export_dir / f"{name}.mar.json").write_text(json.dumps(
         {"model": name, "version": version, "kind": kind, "archive_digest": mar_digest(mar),
          "weights_sha256": card.get("weights_sha256")}, indent=2) + "\n")
+    write_digest(mar, signing_key())
     return mar

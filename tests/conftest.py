@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from devstack import iam
 from devstack.services import MinioServer, TorchServeServer
+from medxplain_client.s3 import S3Config
 from model_store.archive import build_archive
 from model_store.synth import mammo, mri
 from model_store.train import train
@@ -36,6 +38,19 @@ def minio_server(tmp_path_factory) -> MinioServer:
     server = MinioServer(data_dir=root / "data", log_path=root / "minio.log").start()
     yield server
     server.stop()
+
+
+# Buckets the per-component users' policies cover in the tests (each test module uses its own).
+TEST_RESULTS_BUCKETS = ("ui-test", "iam-results")
+TEST_MODELS_BUCKETS = ("iam-models",)
+
+
+@pytest.fixture(scope="session")
+def storage_users(minio_server) -> dict[str, S3Config]:
+    """component -> its own storage settings (user + least-privilege policy), as the devstack creates them."""
+    users = {c: iam.Credentials.generate(c) for c in iam.COMPONENTS}
+    iam.apply(minio_server.admin_config(), users, TEST_RESULTS_BUCKETS, TEST_MODELS_BUCKETS)
+    return {c: S3Config(minio_server.endpoint, False, u.access_key, u.secret_key) for c, u in users.items()}
 
 
 @pytest.fixture(scope="session")

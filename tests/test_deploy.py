@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -775,23 +776,29 @@ def test_compose_stack():
 
 
 def test_archives_upload_and_fetch(minio_server, tmp_path):
+    from model_store.integrity import sha256_file, write_digest
+
     keys = tmp_path / "keys"
     keys.mkdir()
     (keys / "access-key").write_text(minio_server.access_key + "\n")
     (keys / "secret-key").write_text(minio_server.secret_key)
+    (keys / "archive-key").write_text("archive-signing-key-" * 2)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MEDXAI_S3_ENDPOINT": f"http://{minio_server.endpoint}",
            "MEDXAI_S3_ACCESS_KEY_FILE": str(keys / "access-key"),  # as the pods get them: files
-           "MEDXAI_S3_SECRET_KEY_FILE": str(keys / "secret-key")}
+           "MEDXAI_S3_SECRET_KEY_FILE": str(keys / "secret-key"),
+           "MEDXAI_ARCHIVE_KEY_FILE": str(keys / "archive-key")}
     tool = [sys.executable, DOCKER / "archives.py"]
     source = tmp_path / "store"
     source.mkdir()
     (source / "ddsm.mar").write_bytes(b"ddsm archive " * 1000)
     (source / "ddsm.mar.json").write_text('{"digest": "x"}')
     (source / "adni.mar").write_bytes(b"adni archive " * 1000)
+    for name in ("ddsm", "adni"):
+        write_digest(source / f"{name}.mar")  # what `python -m model_store archive` publishes (unsigned here)
     release = "s3://deploy-test-models/releases/1.0"
 
-    def tool_run(*args):
-        return run([*tool, *args], env=env)
+    def tool_run(*args, environ=None):
+        return run([*tool, *args], env=environ or env)
 
     assert tool_run("buckets", "deploy-test-results").returncode == 0
     proc = tool_run("upload", "--source", source, "--dest", release, "--config", DOCKER / "serve" / "config.properties")
@@ -799,22 +806,49 @@ def test_archives_upload_and_fetch(minio_server, tmp_path):
     client = minio_server.client()
     assert client.bucket_exists("deploy-test-results")
     names = {o.object_name for o in client.list_objects("deploy-test-models", prefix="releases/1.0/", recursive=True)}
-    assert names == {"releases/1.0/config/config.properties", "releases/1.0/model-store/ddsm.mar",
-                     "releases/1.0/model-store/ddsm.mar.json", "releases/1.0/model-store/adni.mar"}  # KServe layout
+    store = "releases/1.0/model-store/"
+    assert names == {"releases/1.0/config/config.properties", *(store + n for n in (
+        "ddsm.mar", "ddsm.mar.json", "ddsm.mar.sha256", "ddsm.mar.sha256.sig",
+        "adni.mar", "adni.mar.sha256", "adni.mar.sha256.sig"))}  # KServe layout + digests signed on upload
     proc = tool_run("fetch", "--source", release, "--dest", tmp_path / "a", "--models", "ddsm")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["ddsm.mar", "ddsm.mar.json"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "ddsm.mar", "ddsm.mar.json", "ddsm.mar.sha256", "ddsm.mar.sha256.sig"]
     assert (tmp_path / "a" / "ddsm.mar").read_bytes() == (source / "ddsm.mar").read_bytes()
+    assert tool_run("verify", "--store", tmp_path / "a").returncode == 0  # what the serve entrypoint checks
     # a model the release lacks, and an archive whose bytes no longer match its recorded sha256
     assert tool_run("fetch", "--source", release, "--dest", tmp_path / "b", "--models", "mri").returncode != 0
-    stat = client.stat_object("deploy-test-models", "releases/1.0/model-store/adni.mar")
+    stat = client.stat_object("deploy-test-models", store + "adni.mar")
     tampered = tmp_path / "tampered.mar"
     tampered.write_bytes(b"not the archive")
-    client.fput_object("deploy-test-models", "releases/1.0/model-store/adni.mar", str(tampered),
+    client.fput_object("deploy-test-models", store + "adni.mar", str(tampered),
                        metadata={"sha256": stat.metadata["x-amz-meta-sha256"]})
     proc = tool_run("fetch", "--source", release, "--dest", tmp_path / "c")
     assert proc.returncode != 0 and "sha256 mismatch" in proc.stderr, proc.stderr
     assert not (tmp_path / "c" / "adni.mar").exists()
+    # whoever can write the bucket replaces archive, digest file and metadata consistently: the
+    # signature (key held apart from the storage credentials) still refuses it
+    forged = tmp_path / "forged"
+    forged.mkdir()
+    shutil.copyfile(tampered, forged / "adni.mar")
+    write_digest(forged / "adni.mar")
+    for name in ("adni.mar", "adni.mar.sha256"):
+        client.fput_object("deploy-test-models", store + name, str(forged / name),
+                           metadata={"sha256": sha256_file(forged / name)})
+    proc = tool_run("fetch", "--source", release, "--dest", tmp_path / "e")
+    assert proc.returncode != 0 and "signature does not match" in proc.stderr, proc.stderr
+    assert not list((tmp_path / "e").glob("*.mar")) and proc.stderr.strip().count("\n") == 0
+    # no key: refused unless a separately stored digest list is given, which then decides
+    unsigned = {k: v for k, v in env.items() if k != "MEDXAI_ARCHIVE_KEY_FILE"}
+    proc = tool_run("fetch", "--source", release, "--dest", tmp_path / "f", environ=unsigned)
+    assert proc.returncode != 0 and "unverified" in proc.stderr
+    digests = tmp_path / "digests.txt"
+    digests.write_text((source / "ddsm.mar.sha256").read_text() + (source / "adni.mar.sha256").read_text())
+    proc = tool_run("fetch", "--source", release, "--dest", tmp_path / "g", "--digests", digests, environ=unsigned)
+    assert proc.returncode != 0 and "adni.mar" in proc.stderr and "does not match" in proc.stderr, proc.stderr
+    proc = tool_run("fetch", "--source", release, "--dest", tmp_path / "g", "--digests", digests, "--models", "ddsm",
+                    environ=unsigned)
+    assert proc.returncode == 0 and (tmp_path / "g" / "ddsm.mar").is_file(), proc.stderr
     # no settings: a message for people, not a traceback
     proc = run([*tool, "fetch", "--source", release, "--dest", tmp_path / "d"],
                env={k: v for k, v in env.items() if not k.startswith("MEDXAI_S3_")})

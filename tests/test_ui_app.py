@@ -2,7 +2,9 @@
 
 Every page renders from real objects; filters change what is listed; an annotation saved through
 the form is read back from storage and prefilled; concurrent saves from many threads all survive;
-the consensus export goes into an archive whose engine then returns the experts' labels.
+the consensus export goes into an archive whose engine then returns the experts' labels. The runs
+are written with the batch user's credentials and the UI reads and writes with its own (see
+devstack/iam.py); a broken login setup is an error page, and demo mode needs MEDXAI_UI_DEMO=1.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -54,18 +57,20 @@ def subset(source: Path, target: Path, index: str, cases: int) -> Path:
     return target
 
 
-def s3_env(minio_server) -> dict[str, str]:
-    return {"MEDXAI_S3_ENDPOINT": f"http://{minio_server.endpoint}", "MEDXAI_S3_ACCESS_KEY": minio_server.access_key,
-            "MEDXAI_S3_SECRET_KEY": minio_server.secret_key, "MEDXAI_UI_RUNS": f"s3://{BUCKET}/runs",
+def s3_env(config: S3Config) -> dict[str, str]:
+    return {"MEDXAI_S3_ENDPOINT": config.endpoint_url, "MEDXAI_S3_ACCESS_KEY": config.access_key,
+            "MEDXAI_S3_SECRET_KEY": config.secret_key, "MEDXAI_UI_RUNS": f"s3://{BUCKET}/runs",
             "MEDXAI_UI_ANNOTATIONS": f"s3://{BUCKET}/annotations"}
 
 
-def write_ui_runs(minio_server, model_store: Path, ddsm_data: Path, adni_data: Path, work: Path) -> dict[str, str]:
-    """One ddsm and one adni run written by the batch job (a re-run is a no-op), and the UI's env."""
+def write_ui_runs(storage_users: dict[str, S3Config], model_store: Path, ddsm_data: Path, adni_data: Path,
+                  work: Path) -> dict[str, str]:
+    """One ddsm and one adni run written by the batch job as the batch user (a re-run is a no-op), and
+    the UI's env: its own user, demo mode on (no OIDC provider in the tests)."""
     from batch.runner import RunOptions, run_batch
 
-    env = s3_env(minio_server)
-    config = S3Config.from_env(env)
+    env = {**s3_env(storage_users["ui"]), "MEDXAI_UI_DEMO": "1"}
+    config = storage_users["batch"]
     jobs = (("ddsm", subset(ddsm_data, work / "ddsm-in", "images.csv", 3), ("cam",)),
             ("adni", subset(adni_data, work / "adni-in", "subjects.csv", 3), ("gradcam",)))
     for model, source, explain in jobs:
@@ -77,8 +82,8 @@ def write_ui_runs(minio_server, model_store: Path, ddsm_data: Path, adni_data: P
 
 
 @pytest.fixture(scope="session")
-def ui_env(minio_server, model_store, ddsm_data, adni_data, tmp_path_factory) -> dict[str, str]:
-    env = write_ui_runs(minio_server, model_store, ddsm_data, adni_data, tmp_path_factory.mktemp("ui-inputs"))
+def ui_env(storage_users, model_store, ddsm_data, adni_data, tmp_path_factory) -> dict[str, str]:
+    env = write_ui_runs(storage_users, model_store, ddsm_data, adni_data, tmp_path_factory.mktemp("ui-inputs"))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield env
@@ -100,8 +105,8 @@ def clear_streamlit_caches():
 
 
 @pytest.fixture
-def annotations(ui_env, minio_server) -> AnnotationStore:
-    return AnnotationStore(minio_server.client(), BUCKET, "annotations")
+def annotations(ui_env, storage_users) -> AnnotationStore:
+    return AnnotationStore(storage_users["ui"].client(), BUCKET, "annotations")  # as the UI does
 
 
 def app(name: str | None = None) -> AppTest:
@@ -131,7 +136,7 @@ def captions(at: AppTest) -> str:
 def test_cases_page_lists_runs_and_filters(ui_env):
     at = app()
     no_errors(at)
-    assert at.warning and "Demo mode" in at.warning[0].value  # no [auth]: visible demo mode
+    assert at.warning and "Demo mode" in at.warning[0].value  # no [auth] + MEDXAI_UI_DEMO=1: visible demo mode
     picker = at.selectbox(key="cases_run_prefix")
     assert sorted(o.split(" · ")[0] for o in picker.options) == ["runs/adni", "runs/ddsm"]
     picker.select("runs/ddsm").run()
@@ -204,6 +209,7 @@ def test_units_annotation_saved_read_back_and_prefilled(ui_env, annotations):
     assert saved is not None and saved.recognisable and saved.confidence == 4
     assert saved.concepts == ["mass.margin.spiculated", "calc.suspicious.fine_pleomorphic"]
     assert saved.free_text == "spiculated mass border" and saved.annotator_name == "Reader One"
+    assert saved.authenticated is False and saved.context["identity"] == "demo"  # typed name, no login
 
     # a new session of the same annotator sees the answer prefilled; a second save keeps the first
     at2 = open_page(app("Reader One"), "units", "units_run", "ddsm")
@@ -249,35 +255,58 @@ def test_concurrent_saves_all_survive(annotations):
 
 def test_agreement_view_and_consensus_export(ui_env, annotations, ddsm_bundle, tmp_path):
     cases = open_page(app(), "cases", "cases_run", "ddsm")
-    unit = int(cases.dataframe[1].value["unit"].iloc[0])  # the first case's top unit
+    first, second = (int(u) for u in cases.dataframe[1].value["unit"].iloc[:2])  # the first case's top units
     at = open_page(app("Reader One"), "units", "units_run", "ddsm")
     model, version = "ddsm", next(c.value for c in at.caption if "Annotations are kept" in c.value)
     version = version.split(" / ")[1].split("**")[0]
     for who, recognisable, concepts in (("a", True, ["mass.shape.irregular"]), ("b", True, ["mass.shape.irregular"]),
                                         ("c", False, [])):
-        annotations.save(Annotation(model=model, version_key=version, unit=unit, annotator_id=f"demo-{who}",
+        annotations.save(Annotation(model=model, version_key=version, unit=first, annotator_id=f"demo-{who}",
                                     annotator_name=who, recognisable=recognisable, concepts=concepts))
     at = open_page(app("Reader One"), "units", "units_run", "ddsm")
     no_errors(at)
+    assert any("No answers of logged-in annotators" in i.value for i in at.info)  # demo answers left out
+    at.toggle(key="agree_include_demo").set_value(True).run()
+    no_errors(at)
     fleiss = next(m for m in at.metric if m.label == "Fleiss' kappa")
     assert fleiss.value != "n/a"
-    export = agreement.consensus(annotations.latest_all(model, version), model, version)
-    assert export["units"][str(unit)]["labels"] == [lexicon.label("mass.shape.irregular")]
+    latest = annotations.latest_all(model, version)
+    assert agreement.consensus(latest, model, version)["units"] == {}  # default: authenticated answers only
+    export = agreement.consensus(latest, model, version, include_demo=True)
+    assert export["units"][str(first)]["labels"] == [lexicon.label("mass.shape.irregular")]
+    assert export["answers"]["demo"] >= 3 and not export["answers"]["authenticated_only"]
     assert at.get("download_button")  # the export is offered as unit_labels.json
 
-    st.cache_data.clear()  # the Cases page shows the experts' current consensus next to the archive's labels
+    # two logged-in readers label the second unit: only their answers make the default export
+    for who in ("x", "y"):
+        annotations.save(Annotation(model=model, version_key=version, unit=second, annotator_id=f"oidc-{who * 16}",
+                                    annotator_name=who, recognisable=True, concepts=["calc.benign.skin"],
+                                    authenticated=True))
+    annotations.save(Annotation(model=model, version_key=version, unit=second, annotator_id="demo-oidc-forged",
+                                annotator_name="oidc-forged", recognisable=False, authenticated=True))  # not an OIDC id
+    latest = annotations.latest_all(model, version)
+    trusted = agreement.consensus(latest, model, version)
+    assert set(trusted["units"]) == {str(second)} and trusted["units"][str(second)]["annotators"] == 2
+    assert trusted["answers"]["authenticated_only"] and trusted["answers"]["demo"] == 0
+    assert trusted["answers"]["authenticated"] == 2 and trusted["answers"]["demo_left_out"] >= 4
+
+    st.cache_data.clear()  # the Cases page shows the current consensus (demo answers too, in demo mode)
     cases = open_page(app(), "cases", "cases_run", "ddsm")
     row = cases.dataframe[1].value.iloc[0]
     assert row["current consensus"] == lexicon.label("mass.shape.irregular") and row["concept labels"] == "—"
 
-    # the export goes into the next archive, and the engine serves the labels with the unit
+    # the export goes into the next archive: demo answers only when explicitly included
     from handlers.engine import Engine
     from model_store.__main__ import main as model_store_main
 
-    labels_file = tmp_path / "unit_labels.json"
-    labels_file.write_text(json.dumps({"units": {str(u): {"labels": ["test concept"]} for u in range(4096)}}))
-    model_store_main(["archive", "--bundle", str(ddsm_bundle[0]), "--out", str(tmp_path / "store"),
-                      "--unit-labels", str(labels_file)])
+    demo_file, trusted_file = tmp_path / "demo_labels.json", tmp_path / "unit_labels.json"
+    demo_file.write_text(json.dumps(export))
+    archive = ["archive", "--bundle", str(ddsm_bundle[0]), "--out", str(tmp_path / "store"), "--unit-labels"]
+    assert model_store_main([*archive, str(demo_file)]) == 2 and not (tmp_path / "store").exists()
+    assert model_store_main([*archive, str(demo_file), "--include-demo-answers"]) == 0
+    trusted["units"] = {str(u): {"labels": ["test concept"]} for u in range(4096)}
+    trusted_file.write_text(json.dumps(trusted))
+    assert model_store_main([*archive, str(trusted_file)]) == 0
     unpacked = tmp_path / "unpacked"
     with zipfile.ZipFile(tmp_path / "store" / "ddsm.mar") as zf:
         zf.extractall(unpacked)
@@ -291,11 +320,11 @@ def test_agreement_view_and_consensus_export(ui_env, annotations, ddsm_bundle, t
     assert all(u["labels"] == ["test concept"] for u in response["units"])
 
 
-def test_similar_page_case_query(ui_env, minio_server):
+def test_similar_page_case_query(ui_env, storage_users):
     at = open_page(app(), "similar", "similar_run", "ddsm")
     no_errors(at)
     item = at.selectbox(key="similar_item").value
-    run = Run(minio_server.client(), BUCKET, "runs/ddsm")
+    run = Run(storage_users["ui"].client(), BUCKET, "runs/ddsm")
     case_of = {i: run.result(i)["item"]["case_id"] for i in run.item_ids()}
     results = sorted((c.value for c in at.caption if c.value.startswith("#")), key=lambda v: int(v[1:].split()[0]))
     assert 0 < len(results) <= 20
@@ -360,7 +389,7 @@ def test_similar_upload_and_analyse_through_torchserve(ui_env, torchserve, ddsm_
 
 
 def test_no_run_and_bad_settings_give_messages(ui_env, monkeypatch):
-    monkeypatch.setenv("MEDXAI_UI_RUNS", "s3://no-such-bucket-ui/runs")
+    monkeypatch.setenv("MEDXAI_UI_RUNS", f"s3://{BUCKET}/runs/none-here")
     at = app()
     no_errors(at)
     assert at.info and "No finished runs" in at.info[0].value
@@ -384,27 +413,83 @@ def test_kappa_matches_reference_values():
     assert safe_id("Dr. Ünïcode / Name") == "dr.-n-code-name"
 
 
-def test_oidc_login_required_when_auth_configured(ui_env):
-    auth = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x" * 32,
-            "client_id": "medxplain", "client_secret": "s",
-            "server_metadata_url": "https://idp.example/.well-known/openid-configuration"}
+AUTH = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x" * 32,
+        "client_id": "medxplain", "client_secret": "cs-7f3a9e-not-for-pages",
+        "server_metadata_url": "https://idp.example/.well-known/openid-configuration"}
+READER = {"is_logged_in": True, "name": "Dr Reader", "email": "reader@hospital.example", "sub": "abc",
+          "iss": "https://idp.example"}
+
+
+def auth_app(auth: dict | None, user: dict | None = None) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.secrets["auth"] = auth
-    at.user = {"is_logged_in": False}
-    at.run()
+    if auth is not None:
+        at.secrets["auth"] = auth
+    at.user = user or {"is_logged_in": False}
+    return at.run()
+
+
+def test_oidc_login_required_and_answers_marked_authenticated(ui_env, annotations):
+    at = auth_app(AUTH)
     assert not at.exception
     assert any("log in" in i.value for i in at.info) and not at.text_input  # no demo name box, no page
     assert not at.title
 
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.secrets["auth"] = auth
-    at.user = {"is_logged_in": True, "name": "Dr Reader", "email": "reader@hospital.example", "sub": "abc",
-               "iss": "https://idp.example"}
-    at.run()
+    at = auth_app(AUTH, READER)
     no_errors(at)
     assert not at.warning  # no demo-mode banner
     assert any("Signed in as **Dr Reader**" in c.value for c in at.caption)
-    assert at.session_state["annotator"].id.startswith("oidc-") and at.session_state["annotator"].mode == "oidc"
+    me = at.session_state["annotator"]
+    assert me.id.startswith("oidc-") and me.mode == "oidc"
+
+    # an answer saved by the logged-in reader is stored as authenticated
+    open_page(at, "units", "units_run", "ddsm")
+    no_errors(at)
+    unit = at.selectbox(key="unit_pick").value
+    version = next(c.value for c in at.caption if "Annotations are kept" in c.value).split(" / ")[1].split("**")[0]
+    at.radio(key=f"ann_ddsm_{version}_{unit}_{me.id}_recognisable").set_value("no")
+    at.button[[b.label for b in at.button].index("Save annotation")].click().run()
+    no_errors(at)
+    saved = annotations.latest("ddsm", version, unit, me.id)
+    assert saved is not None and saved.authenticated is True and saved.annotator_name == "Dr Reader"
+    assert agreement.is_authenticated(saved)
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"cookie_secret": ""}, "no cookie_secret"),
+    ({"cookie_secret": "short"}, "shorter than 32"),
+    ({"redirect_uri": "http://localhost:8501/callback"}, "/oauth2callback"),
+    ({"server_metadata_url": "http://idp.example/.well-known/openid-configuration"}, "must use https"),
+    ({"server_metadata_url": "https://idp.example/metadata"}, "not an OIDC discovery URL"),
+    ({"client_id": None, "client_secret": None, "server_metadata_url": None}, "names no identity provider"),
+    ({"client_secret": ""}, "missing client_secret"),
+])
+def test_broken_auth_is_an_error_page_never_demo_mode(change, problem, monkeypatch):
+    monkeypatch.setenv("MEDXAI_UI_DEMO", "1")
+    auth = {k: v for k, v in {**AUTH, **change}.items() if v is not None}
+    at = auth_app(auth, READER)  # even a "logged-in" user and MEDXAI_UI_DEMO=1 get no further
+    assert not at.exception
+    assert at.error and "cannot work" in at.error[0].value and problem in at.error[0].value, at.error
+    assert not at.text_input and not at.title and not at.warning and not at.button
+    assert AUTH["client_secret"] not in at.error[0].value and "x" * 32 not in at.error[0].value  # names, not values
+
+
+def test_authlib_missing_is_an_error_page(monkeypatch):
+    monkeypatch.setitem(sys.modules, "authlib", None)  # what `import authlib` sees when it is not installed
+    at = auth_app(AUTH, READER)
+    assert at.error and "Authlib is not installed" in at.error[0].value and not at.title
+
+
+def test_no_login_and_no_demo_flag_is_an_error_page(ui_env, monkeypatch):
+    monkeypatch.delenv("MEDXAI_UI_DEMO")
+    at = auth_app(None)
+    assert not at.exception
+    assert at.error and "No login is configured" in at.error[0].value and "MEDXAI_UI_DEMO=1" in at.error[0].value
+    assert not at.text_input and not at.title
+    monkeypatch.setenv("MEDXAI_UI_DEMO", "1")
+    at = auth_app(None)
+    no_errors(at)
+    assert at.warning and "Demo mode" in at.warning[0].value
+    assert at.text_input(key="annotator_name").label == "Annotator name"
 
 
 def test_overlay_decodes_every_api_encoding_and_blends():

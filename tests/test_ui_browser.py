@@ -22,8 +22,8 @@ pytestmark = pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debi
 
 
 @pytest.fixture
-def ui_server(minio_server, model_store, ddsm_data, adni_data, tmp_path):
-    env = write_ui_runs(minio_server, model_store, ddsm_data, adni_data, tmp_path / "inputs")
+def ui_server(storage_users, model_store, ddsm_data, adni_data, tmp_path):
+    env = write_ui_runs(storage_users, model_store, ddsm_data, adni_data, tmp_path / "inputs")
     server = StreamlitServer(workdir=tmp_path / "streamlit", env=env)
     try:
         server.start()
@@ -45,7 +45,7 @@ def open_units(page, url: str, name: str) -> None:
     page.get_by_text("Save annotation").wait_for(timeout=WAIT_MS)
 
 
-def test_annotate_reload_and_find_it(ui_server, minio_server, tmp_path):
+def test_annotate_reload_and_find_it(ui_server, storage_users, tmp_path):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -75,7 +75,7 @@ def test_annotate_reload_and_find_it(ui_server, minio_server, tmp_path):
         finally:
             browser.close()
 
-    store = AnnotationStore(minio_server.client(), BUCKET, "annotations")
+    store = AnnotationStore(storage_users["ui"].client(), BUCKET, "annotations")
     progress = store.progress("ddsm", next(iter(_versions(store))))
     assert "demo-browser-reader" in progress[unit]
 

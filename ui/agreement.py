@@ -3,6 +3,10 @@
 The export is the ``unit_labels.json`` that ``python -m model_store archive --unit-labels FILE``
 puts into the next model version; the engine reads ``units[<unit>]["labels"]`` from it and returns
 those labels with every ranked unit, so served explanations carry the experts' words.
+
+Only answers of logged-in (OIDC) annotators count unless demo-mode answers are included
+explicitly; the export records which (``answers``), and the archive step refuses a file with demo
+answers unless told ``--include-demo-answers``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,21 @@ def category(ann: Annotation, question: str) -> str:
 
 
 QUESTIONS = ("recognisable", "concept group")
+
+
+def is_authenticated(ann: Annotation) -> bool:
+    """Made by a logged-in annotator: the flag and the OIDC-derived id must both say so."""
+    return ann.authenticated is True and ann.annotator_id.startswith("oidc-")
+
+
+def select(latest: dict[int, dict[str, Annotation]], include_demo: bool = False) -> dict[int, dict[str, Annotation]]:
+    """The answers that count: authenticated ones, plus demo-mode ones only when asked for."""
+    out = {}
+    for unit, answers in latest.items():
+        kept = {who: a for who, a in answers.items() if include_demo or is_authenticated(a)}
+        if kept:
+            out[unit] = kept
+    return out
 
 
 def cohen_kappa(a: list[str], b: list[str]) -> float:
@@ -85,12 +104,16 @@ def agreement_table(latest: dict[int, dict[str, Annotation]], question: str) -> 
 
 
 def consensus(latest: dict[int, dict[str, Annotation]], model: str, version_key: str,
-              min_annotators: int = 1, min_share: float = 0.5) -> dict:
+              min_annotators: int = 1, min_share: float = 0.5, include_demo: bool = False) -> dict:
     """Unit labels agreed by the experts, in the bundle's ``unit_labels.json`` format.
 
     A unit is labelled when at least ``min_annotators`` answered, more than half said it shows a
     recognisable concept, and a concept was chosen by at least ``min_share`` of those answering.
+    Demo-mode (unauthenticated) answers count only with ``include_demo``.
     """
+    everything = [a for answers in latest.values() for a in answers.values()]
+    latest = select(latest, include_demo)
+    used = [a for answers in latest.values() for a in answers.values()]
     units: dict[str, dict] = {}
     for unit in sorted(latest):
         answers = list(latest[unit].values())
@@ -111,4 +134,8 @@ def consensus(latest: dict[int, dict[str, Annotation]], model: str, version_key:
             "created_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             "rule": {"min_annotators": min_annotators, "recognisable": "> 1/2 of answers",
                      "concept_min_share": min_share},
+            "answers": {"authenticated_only": not include_demo,
+                        "authenticated": sum(map(is_authenticated, used)),
+                        "demo": sum(not is_authenticated(a) for a in used),
+                        "demo_left_out": sum(not is_authenticated(a) for a in everything) if not include_demo else 0},
             "units": units}

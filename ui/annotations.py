@@ -63,6 +63,7 @@ class Annotation:
     created_at: str = ""
     annotation_id: str = ""
     context: dict = field(default_factory=dict)  # where it was made: run prefix, identity mode
+    authenticated: bool = False  # made by an OIDC-logged-in user (demo-mode answers are not)
     schema: int = SCHEMA
 
     def validated(self) -> Annotation:
@@ -71,12 +72,16 @@ class Annotation:
         if self.confidence not in CONFIDENCE:
             raise ValueError(f"confidence must be one of {CONFIDENCE}")
         concepts = lexicon.validate(list(self.concepts)) if self.recognisable else []
-        return Annotation(**{**asdict(self), "concepts": concepts, "free_text": self.free_text.strip()[:MAX_TEXT]})
+        return Annotation(**{**asdict(self), "concepts": concepts, "free_text": self.free_text.strip()[:MAX_TEXT],
+                             "authenticated": self.authenticated is True})
 
     @classmethod
     def from_dict(cls, data: dict) -> Annotation:
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if "authenticated" not in data:  # saved before the field existed: the identity mode tells
+            values["authenticated"] = (data.get("context") or {}).get("identity") == "oidc"
+        return cls(**values)
 
     @property
     def labels(self) -> list[str]:

@@ -175,9 +175,15 @@ def similarity_index(prefix: str):
 
 @st.cache_data(ttl=30, show_spinner=False)
 def consensus_labels(prefix: str) -> dict[int, list[str]]:
-    """Current experts' consensus per unit for the run's model version (before it ships in an archive)."""
+    """Current experts' consensus per unit for the run's model version (before it ships in an archive).
+
+    Logged-in annotators' answers only; a UI running in demo mode also shows its demo answers (the
+    export still leaves them out unless included explicitly).
+    """
     from ui.agreement import consensus
+    from ui.settings import demo_mode_enabled
 
     model, version = model_version_key(prefix)
-    labels = consensus(annotation_store().latest_all(model, version), model, version)
+    labels = consensus(annotation_store().latest_all(model, version), model, version,
+                       include_demo=demo_mode_enabled())
     return {int(u): v["labels"] for u, v in labels["units"].items()}

@@ -81,8 +81,15 @@ class RunStore:
         self.client, self.bucket, self.root, self.depth = client, bucket, root.strip("/"), depth
 
     def list_runs(self) -> list[RunInfo]:
-        if not _s3_call(f"bucket {self.bucket}", self.client.bucket_exists, self.bucket):
+        """Runs below the root; [] when the bucket does not exist. No HeadBucket call: the UI's storage
+        policy lets it list only under runs/ and annotations/ (devstack/iam.py), and HeadBucket is a
+        listing without a prefix."""
+        try:
+            return self._list_runs()
+        except KeyError:  # NoSuchBucket
             return []
+
+    def _list_runs(self) -> list[RunInfo]:
         found: list[RunInfo] = []
         level = [self.root]
         for _ in range(self.depth + 1):

@@ -9,6 +9,7 @@ adds only what the UI needs on top of them.
 | ``MEDXAI_UI_ANNOTATIONS`` | ``s3://<runs bucket>/annotations`` | where unit annotations are written |
 | ``MEDXAI_TORCHSERVE_URL`` | ``http://127.0.0.1:8080`` | TorchServe inference API (Analyse, Similar upload) |
 | ``MEDXAI_TORCHSERVE_KEY_FILE`` | unset | TorchServe ``key_file.json`` (token authorization) |
+| ``MEDXAI_UI_DEMO`` | unset | ``1``: without ``[auth]``, run in demo mode (typed names); unset: an error page |
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ from dataclasses import dataclass
 from medxplain_client.s3 import S3ConfigError, parse_s3_url
 
 DEFAULT_RUNS = "s3://medxai/runs"
+_TRUE = ("1", "true", "yes", "on")
+
+
+def demo_mode_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Demo mode (no login, typed names) only when asked for: the UI fails closed otherwise."""
+    env = os.environ if environ is None else environ
+    return (env.get("MEDXAI_UI_DEMO") or "").strip().lower() in _TRUE
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ def annotation_form(prefix: str, model: str, version: str, unit: int, me: Annota
         concepts = [c for c in lexicon.CONCEPTS if st.session_state.get(f"{k}_{c}")]
         ann = Annotation(model=model, version_key=version, unit=unit, annotator_id=me.id, annotator_name=me.name,
                          recognisable=yes == "yes", concepts=concepts, free_text=text, confidence=int(confidence),
-                         context={"run": prefix, "identity": me.mode})
+                         context={"run": prefix, "identity": me.mode}, authenticated=me.mode == "oidc")
         try:
             key = store.save(ann)
         except ValueError as err:
@@ -145,9 +145,18 @@ def annotation_form(prefix: str, model: str, version: str, unit: int, me: Annota
 
 
 def agreement_view(model: str, version: str) -> None:
-    latest = data.annotation_store().latest_all(model, version)
-    if not latest:
+    everything = data.annotation_store().latest_all(model, version)
+    if not everything:
         st.info("No annotations for this model version yet.")
+        return
+    include_demo = st.toggle("Include demo-mode (not logged-in) answers", value=False, key="agree_include_demo",
+                             help="Off: agreement and the export use only answers of logged-in annotators.")
+    latest = agreement.select(everything, include_demo)
+    left_out = sum(len(a) for a in everything.values()) - sum(len(a) for a in latest.values())
+    if left_out:
+        st.caption(f"{left_out} demo-mode answers are left out.")
+    if not latest:
+        st.info("No answers of logged-in annotators yet.")
         return
     question = st.radio("Question", agreement.QUESTIONS, horizontal=True, key="agree_question")
     table = agreement.agreement_table(latest, question)
@@ -164,7 +173,7 @@ def agreement_view(model: str, version: str) -> None:
     c1, c2 = st.columns(2)
     min_annotators = c1.number_input("Minimum annotators per unit", 1, 20, 1, key="export_min")
     share = c2.slider("Concept chosen by at least", 0.5, 1.0, 0.5, 0.05, key="export_share")
-    labels = agreement.consensus(latest, model, version, int(min_annotators), float(share))
+    labels = agreement.consensus(everything, model, version, int(min_annotators), float(share), include_demo)
     st.caption(f"{len(labels['units'])} units get labels.")
     st.dataframe(pd.DataFrame([{"unit": int(u), "labels": ", ".join(v["labels"]), "annotators": v["annotators"],
                                 "recognisable share": v["recognisable_share"]} for u, v in labels["units"].items()]),
@@ -173,7 +182,7 @@ def agreement_view(model: str, version: str) -> None:
                        "application/json", key="export_download")
     st.markdown("Put the labels into the next model version (served explanations then carry them):")
     st.code(f"python -m model_store archive --bundle build/models/{model} --out build/model-store "
-            "--unit-labels unit_labels.json", language="bash")
+            "--unit-labels unit_labels.json" + (" --include-demo-answers" if include_demo else ""), language="bash")
 
 
 @guarded
