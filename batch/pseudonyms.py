@@ -60,6 +60,9 @@ def open_pseudonyms(out: Bucket, prefix: str, external_key: bytes | None = None)
         raise PseudonymError(f"--id-key-file: the key must hold at least {MIN_KEY_BYTES} bytes")
     key = join(prefix, PRIVATE_SOURCES)
     current = out.get_versioned(key)
+    if current is None and out.any_under(join(prefix, "items") + "/"):
+        raise PseudonymError(f"s3://{out.name}/{prefix} holds items made before pseudonymous ids; new ids would "
+                             "be mixed with them: use a new --output prefix")
     if current is None:
         secret = external_key or secrets.token_bytes(32)
         record = {"format": 1, "key": None if external_key else secret.hex(), "key_sha256": _key_digest(secret),

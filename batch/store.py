@@ -232,6 +232,12 @@ class Bucket:
     def remove(self, key: str) -> None:
         self.call(f"removal of {key}", lambda: self.client.remove_object(self.name, key))
 
+    def any_under(self, prefix: str) -> bool:
+        """Whether at least one object exists below ``prefix`` (reads one listing entry, not all)."""
+        def first() -> bool:
+            return next(iter(self.client.list_objects(self.name, prefix=prefix, recursive=True)), None) is not None
+        return self.call(f"listing of {prefix or '/'}", first)
+
     def list(self, prefix: str) -> list[tuple[str, int]]:
         """(key, size) of every object under ``prefix``, recursively, in key order."""
         return self.call(f"listing of {prefix or '/'}", lambda: [

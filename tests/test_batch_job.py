@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from batch.archive import ArchiveError, safe_extract
-from batch.pseudonyms import Pseudonyms
+from batch.pseudonyms import PseudonymError, Pseudonyms
 from batch.runner import RunOptions, run_batch
 from batch.sources import SourceError, assign_ids, shard_of
 from medxplain_client import Client
@@ -321,3 +321,14 @@ def test_archive_extraction_refuses_zip_slip(tmp_path):
     with pytest.raises(ArchiveError, match="unsafe member"):
         safe_extract(evil, tmp_path / "out")
     assert not (tmp_path / "escape.txt").exists()
+
+
+def test_run_into_a_prefix_with_older_file_named_items_is_refused(ddsm_small, model_store, s3, minio_server):
+    client = minio_server.client()
+    if not client.bucket_exists("batch-job"):
+        client.make_bucket("batch-job")
+    client.put_object("batch-job", "legacy/items/images_C0001_LEFT_CC.png/_complete.json", io.BytesIO(b"{}"), 2)
+    with pytest.raises(PseudonymError, match="made before pseudonymous ids"):
+        run_batch(RunOptions(model="ddsm", archive=model_store / "ddsm.mar", input=str(ddsm_small[0]),
+                             output="s3://batch-job/legacy", s3=s3, progress=False))
+    assert not any(k.startswith("private/") for k in objects(client, "batch-job", "legacy"))
