@@ -39,6 +39,7 @@ from handlers.options import RequestOptions, parse_options
 from handlers.regions import region_relevance
 from handlers.units import rank_units
 from model_store.bundle import ModelBundle, content_digest
+from model_store.decision import decide, image_scores
 from model_store.models.ddsm import FULL_IMAGE_SHORT_SIDE, PATCH_SIZE
 from model_store.preprocess import ddsm_normalise
 
@@ -334,7 +335,7 @@ class DDSMEngine(Engine):
             class_scores = prob_map.amax(dim=1)
             item.meta["class_scores"] = {n: float(s) for n, s in zip(self.bundle.class_names, class_scores)}
             item.meta["map_shape"] = list(fmap.shape[2:])
-            out.append(Forward(prob_map[:, where].numpy(), fmap[0].clone(), self._decide(class_scores),
+            out.append(Forward(prob_map[:, where].numpy(), fmap[0].clone(), self._decide(fmap, class_scores),
                                prob_map.reshape(-1, *fmap.shape[2:]).clone()))
         return out
 
@@ -342,16 +343,13 @@ class DDSMEngine(Engine):
     def unit_class_weights(self) -> torch.Tensor:
         return self.model.fc.weight
 
-    def _decide(self, class_scores: torch.Tensor) -> dict | None:
-        """Image-level label from the calibrated threshold on the lesion score (model_store.calibrate)."""
-        threshold = self.bundle.decision.get("full_image_threshold")
-        if threshold is None:
+    def _decide(self, fmap: torch.Tensor, class_scores: torch.Tensor) -> dict | None:
+        """Image-level label under the bundle's calibrated operating point (model_store.decision)."""
+        decision = self.bundle.decision
+        if not decision:
             return None
-        lesion = class_scores[1:]
-        score = float(lesion.max())
-        index = 0 if score < threshold else 1 + int(torch.argmax(lesion))
-        return {"label_index": index, "rule": "lesion_score >= threshold", "lesion_score": score,
-                "threshold": float(threshold)}
+        scores = class_scores if decision.get("score", "position") == "position" else image_scores(self.model, fmap, decision)
+        return decide(scores, decision, self.bundle.class_names)
 
     def output_elements(self, item: Prepared) -> int:
         return int(item.meta["height"]) * int(item.meta["width"])

@@ -1,4 +1,5 @@
-"""``python -m model_store``: synthetic data, training, checkpoint import, archives and evaluation."""
+"""``python -m model_store``: synthetic data, training, checkpoint import, archives and evaluation
+(explanation quality: ``evaluate``; the full-mammogram decision: ``evaluate-images``)."""
 
 from __future__ import annotations
 
@@ -81,9 +82,20 @@ def _calibrate(args: argparse.Namespace) -> None:
     bundle = ModelBundle.load(args.bundle)
     if bundle.kind != "ddsm":
         raise ValueError("calibration sets the full-mammogram operating point: ddsm bundles only")
-    decision = calibrate_ddsm(bundle, args.data, args.split)
+    decision = calibrate_ddsm(bundle, args.data, args.split, score=args.score)
     bundle.save(args.bundle)
     print(json.dumps(decision, indent=2))
+
+
+def _evaluate_images(args: argparse.Namespace) -> None:
+    from model_store.image_level import evaluate_images, record, to_markdown
+
+    report = evaluate_images(args.bundle, args.data, args.split, args.limit)
+    if not args.no_record:
+        record(args.bundle, report)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(to_markdown(report))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -161,11 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("archives", type=Path, nargs="+")
     p.set_defaults(func=_verify)
 
-    p = sub.add_parser("calibrate", help="ddsm: choose the full-mammogram lesion threshold on a held-out split")
+    p = sub.add_parser("calibrate", help="ddsm: choose the full-mammogram per-class thresholds on a held-out split")
     p.add_argument("--bundle", type=Path, required=True, help="model bundle to update (e.g. an imported checkpoint)")
     p.add_argument("--data", type=Path, required=True, help="folder with images.csv (path, split, label columns)")
     p.add_argument("--split", default="val")
+    p.add_argument("--score", choices=["window", "position"], default="window",
+                   help="class map the image score is the maximum of: patch-sized windows (default) or single "
+                        "layer4 cells (DeepMiner's map)")
     p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("evaluate-images", help="ddsm: image-level figures of the served full-mammogram decision "
+                       "(macro ROC AUC, accuracy, per-class recall, confusion matrix), into metrics.json and the "
+                       "model card")
+    p.add_argument("--bundle", type=Path, required=True, help="model bundle (or unpacked .mar folder) to evaluate")
+    p.add_argument("--data", type=Path, required=True, help="folder with images.csv (path, split, label, case_id)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--limit", type=int, help="first N images of the split only")
+    p.add_argument("--out", type=Path, help="also write the JSON report here")
+    p.add_argument("--no-record", action="store_true", help="do not write into the bundle's metrics.json / card")
+    p.set_defaults(func=_evaluate_images)
 
     p = sub.add_parser("evaluate", help="score the attribution methods against the synthetic ground-truth masks")
     p.add_argument("--model", choices=["ddsm", "adni"], required=True)
