@@ -171,9 +171,10 @@ class Occlusion2D(Attribution):
     def fitting(self, cost, options, allowed):
         h, w = cost.spatial
         size = self.geometry(cost.spatial, options)[0]
-        for stride in range(max(1, options.occlusion_stride or 1), size + 1):
-            if ((h - size) // stride + 1) * ((w - size) // stride + 1) + 1 <= allowed:
-                return f"occlusion_stride>={stride} (size {size})"
+        for stride in range(max(1, options.occlusion_stride or 1), min(h, w) + 1):
+            window = max(size, stride)  # past the window size, the window grows with the stride
+            if ((h - window) // stride + 1) * ((w - window) // stride + 1) + 1 <= allowed:
+                return f"occlusion_stride>={stride} (size {window})"
         return "a 227x227 patch for occlusion"
 
     def attribute(self, ctx, target, options):
