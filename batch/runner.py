@@ -208,6 +208,11 @@ class ShardRun:
             return Fetched(item, error=("storage_unavailable", f"could not record the attempt: {_reason(err)}"))
         if claim.status == "held":
             return Fetched(item, held=True)
+        if claim.status == "claimed" and self.out.stat(self.key("items", item.item_id, COMPLETE)) is not None:
+            # Planned as incomplete, but another writer completed it and released its claim since:
+            # leave its committed objects alone (they must never be overwritten).
+            self.writer.release(item.item_id)
+            return Fetched(item, held=True)
         if claim.status == "poison":
             message = (f"the process died in each of {claim.attempts} attempts at this item; left out "
                        "(remove its attempts/ marker to retry)")

@@ -182,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer4 cells (DeepMiner's map)")
     p.set_defaults(func=_calibrate)
 
-    p = sub.add_parser("evaluate-images", help="ddsm: image-level figures of the served full-mammogram decision "
-                       "(macro ROC AUC, accuracy, per-class recall, confusion matrix), into metrics.json and the "
-                       "model card")
+    about = ("ddsm: image-level figures of the served full-mammogram decision (macro ROC AUC, accuracy, per-class "
+             "recall, confusion matrix), into metrics.json and the model card")
+    p = sub.add_parser("evaluate-images", help=about, description=about)
     p.add_argument("--bundle", type=Path, required=True, help="model bundle (or unpacked .mar folder) to evaluate")
     p.add_argument("--data", type=Path, required=True, help="folder with images.csv (path, split, label, case_id)")
     p.add_argument("--split", default="test")

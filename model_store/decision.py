@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PATCH_WINDOW = 7  # layer4 cells spanned by one 227 px patch (stride 32)
+# layer4 cells of one 227 px patch: the five stride-2 stages each round up (227 -> 114 -> 57 -> 29 -> 15 -> 8),
+# so a window of 8 reads a full-image map exactly as the patch classifier reads a patch.
+PATCH_WINDOW = 8
 _EPS = 1e-6
 
 
