@@ -35,11 +35,9 @@ SHA_KEY = "x-amz-meta-sha256"
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from model_store.integrity import sha256_file  # imported lazily like the other model_store helpers here
+
+    return sha256_file(path)
 
 
 def _storage():

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model_store.integrity import sha256_file
 from model_store.models.adni import ADNIConfig, ClassificationModel3D
 from model_store.models.ddsm import DDSMConfig, DDSMResNet
 from model_store.synth.atlas import Region, load_atlas, write_atlas
@@ -141,14 +142,6 @@ def build_model(kind: str, config: dict) -> nn.Module:
     if kind == "adni":
         return ClassificationModel3D(ADNIConfig.from_dict(config))
     raise ValueError(f"unknown model kind {kind!r}")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def content_digest(directory: Path) -> str:
