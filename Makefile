@@ -83,7 +83,7 @@ $(DEPLOY_TOOLS)/.installed: requirements-deploy.txt
 # File targets make every step idempotent: data, models and archives are built once and reused.
 DDSM_DATA := $(DATA)/ddsm/dataset.json
 ADNI_DATA := $(DATA)/adni/dataset.json
-# The digest file is written last (model_store/integrity.py), so it stands for a complete, checkable archive.
+# The digest file is written last (medxplain_contract/integrity.py), so it stands for a complete, checkable archive.
 ARCHIVES := $(MAR_DIR)/ddsm.mar.sha256 $(MAR_DIR)/adni.mar.sha256
 
 data: $(DDSM_DATA) $(ADNI_DATA)
@@ -113,7 +113,7 @@ test: setup lint deploy-tools
 
 bench: $(ARCHIVES)
 	$(PY) -m devstack.bench --build $(BUILD)
-	$(PY) -m batch.bench --archive $(MAR_DIR)/ddsm.mar --data $(DATA)/ddsm
+	$(PY) -m devstack.batch_bench --archive $(MAR_DIR)/ddsm.mar --data $(DATA)/ddsm
 	$(PY) -m devstack.load --model-store $(MAR_DIR) --data $(DATA)
 
 clean:

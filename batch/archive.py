@@ -3,7 +3,7 @@
 A ``.mar`` is a zip; member names are checked before anything is written (no absolute paths, no
 ``..``, no links), so a crafted archive cannot write outside the temporary folder (zip-slip).
 Before that, its sha256 must match the published ``<name>.mar.sha256`` (and its HMAC signature when
-``MEDXAI_ARCHIVE_KEY_FILE`` is set, see :mod:`model_store.integrity`): the archive's handler code
+``MEDXAI_ARCHIVE_KEY_FILE`` is set, see :mod:`medxplain_contract.integrity`): the archive's handler code
 would otherwise run unchecked inside the job.
 """
 
@@ -16,8 +16,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from handlers.engine import Engine
-from model_store.integrity import ArchiveIntegrityError, signing_key, verify_archive
+from medxplain_contract.integrity import ArchiveIntegrityError, signing_key, verify_archive
+from medxplain_engine.engine import Engine
 
 MAX_UNPACKED_BYTES = 8 * 1024 ** 3
 

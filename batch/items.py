@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 from batch.sources import SourceItem
-from handlers.encoding import encode_3d
-from handlers.features import ItemFeatures
+from medxplain_contract.encodings import encode_3d
+from medxplain_engine.features import ItemFeatures
 
 COMPLETE = "_complete.json"
 _SUFFIX = {"png": ".png", "float16": ".f16", "nifti.gz": ".nii.gz"}

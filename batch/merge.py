@@ -33,8 +33,8 @@ from batch.integrity import IntegrityError, verified
 from batch.items import COMPLETE, content_type, json_bytes
 from batch.records import ItemRecord, ModelInfo
 from batch.store import Bucket, RetryPolicy, join, sha256_bytes
-from medxplain_client.s3 import S3Config, parse_s3_url
-from model_store.bundle import sha256_file
+from medxplain_contract.storage import S3Config, parse_s3_url
+from medxplain_models.bundle import sha256_file
 
 log = logging.getLogger(__name__)
 

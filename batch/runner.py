@@ -45,10 +45,10 @@ from batch.store import (
     join,
     sha256_bytes,
 )
-from handlers.engine import API_VERSION, Engine, EngineRequest, Prepared
-from handlers.errors import InputError
-from handlers.options import RequestOptions, parse_options
-from medxplain_client.s3 import S3Config, parse_s3_url
+from medxplain_contract.errors import InputError
+from medxplain_contract.storage import S3Config, parse_s3_url
+from medxplain_engine.engine import API_VERSION, Engine, EngineRequest, Prepared
+from medxplain_engine.options import RequestOptions, parse_options
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from minio.error import InvalidResponseError, S3Error, ServerError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from batch.integrity import verified
-from medxplain_client.s3 import S3Config, read_object
+from medxplain_contract.storage import S3Config, read_object
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

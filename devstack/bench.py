@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from devstack.services import TorchServeServer
-from handlers.engine import Engine, EngineRequest
-from model_store.tiling import PATCH_SIZE
+from medxplain_engine.engine import Engine, EngineRequest
+from medxplain_models.tiling import PATCH_SIZE
 
 
 def sample_patch(data_dir: Path) -> bytes:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                            args.clients, args.per_client, args.threads)
     print_serving(result)
     if not args.skip_occlusion:
-        from handlers import bench_occlusion
+        from devstack import bench_occlusion
         bench_occlusion.main([])
     return 0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from devstack.stack import print_endpoints, start, start_ui
 from medxplain_client import Client
 from medxplain_client.outputs import write_outputs
-from medxplain_client.s3 import S3Config
+from medxplain_contract.storage import S3Config
 
 DEMO_BUCKET = "medxai"
 # cheap methods keep the demo short; every method is available online and via --explain

@@ -94,7 +94,7 @@ class Credentials:
 
 
 def admin_client(config):
-    """MinioAdmin for an :class:`medxplain_client.s3.S3Config` holding the administrator's keys."""
+    """MinioAdmin for an :class:`medxplain_contract.storage.S3Config` holding the administrator's keys."""
     from minio.credentials import StaticProvider
     from minio.minioadmin import MinioAdmin
 
@@ -124,7 +124,7 @@ def apply(config, users: dict[str, Credentials], results: Iterable[str] = (RESUL
 
 
 def _apply(args: argparse.Namespace) -> None:
-    from medxplain_client.s3 import S3Config
+    from medxplain_contract.storage import S3Config
 
     users = {c: Credentials.from_dir(args.credentials_dir, c) for c in args.components.split(",") if c}
     apply(S3Config.from_env(), users, args.results_bucket.split(","), args.models_bucket.split(","))

@@ -46,7 +46,7 @@ from medxplain_client.client import TOKEN_ENV, read_token
 from medxplain_client.stubs import ensure_stubs
 from medxplain_client.transports import MAX_MESSAGE_BYTES
 
-PATCH_SIZE = 227  # model_store.tiling.PATCH_SIZE (not imported: that pulls in scipy for one constant)
+PATCH_SIZE = 227  # medxplain_models.tiling.PATCH_SIZE (not imported: that pulls in scipy for one constant)
 DEFAULT_REQUESTS = 200
 DEFAULT_CONCURRENCY = 200  # docker/serve/config.properties job_queue_size must stay above this
 # The burst of 200 took ~5 min (plus ~2 min start and warm-up) on 2 cores shared with other jobs,

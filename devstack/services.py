@@ -143,7 +143,7 @@ class MinioServer:
 
     def admin_config(self):
         """The root user's settings: for creating buckets, users and policies only (devstack/iam.py)."""
-        from medxplain_client.s3 import S3Config
+        from medxplain_contract.storage import S3Config
         return S3Config(self.endpoint, False, self.access_key, self.secret_key)
 
 
@@ -205,7 +205,7 @@ class TorchServeServer:
     def verify_archives(self) -> dict[str, str]:
         """Every archive to load must match its published sha256 (and signature): the ``.mar`` carries
         handler code that TorchServe executes."""
-        from model_store.integrity import ArchiveIntegrityError, signing_key, verify_archive
+        from medxplain_contract.integrity import ArchiveIntegrityError, signing_key, verify_archive
 
         try:
             key = signing_key()

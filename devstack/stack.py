@@ -16,7 +16,7 @@ from pathlib import Path
 
 from devstack import iam
 from devstack.services import MinioServer, ServiceError, StreamlitServer, TorchServeServer, stop_process_group
-from medxplain_client.s3 import S3Config
+from medxplain_contract.storage import S3Config
 
 DEFAULT_PORTS = {"minio": 9000, "minio_console": 9001, "inference": 8080, "management": 8081, "metrics": 8082,
                  "grpc": 7070, "grpc_management": 7071, "ui": 8501}

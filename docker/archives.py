@@ -5,7 +5,7 @@ A model release lives under one S3 prefix in the layout KServe's TorchServe runt
     s3://<bucket>/<release prefix>/config/config.properties
     s3://<bucket>/<release prefix>/model-store/<name>.mar      (+ .mar.json, .mar.sha256, .mar.sha256.sig)
 
-Commands (storage settings from the ``MEDXAI_S3_*`` environment, see ``medxplain_client/s3.py``):
+Commands (storage settings from the ``MEDXAI_S3_*`` environment, see ``medxplain_contract/storage.py``):
 
     python archives.py buckets medxai medxai-models            create buckets that do not exist yet
     python archives.py upload --source build/model-store --dest s3://medxai-models/releases/1.0 \
@@ -35,14 +35,14 @@ SHA_KEY = "x-amz-meta-sha256"
 
 
 def _sha256(path: Path) -> str:
-    from model_store.integrity import sha256_file  # imported lazily like the other model_store helpers here
+    from medxplain_contract.integrity import sha256_file  # imported lazily like the other model_store helpers here
 
     return sha256_file(path)
 
 
 def _storage():
     # Imported here so `--help` works without the storage settings.
-    from medxplain_client.s3 import S3Config, parse_s3_url
+    from medxplain_contract.storage import S3Config, parse_s3_url
 
     return S3Config.from_env().client(), parse_s3_url
 
@@ -62,7 +62,7 @@ SIDECARS = (".mar.json", ".mar.sha256", ".mar.sha256.sig")  # written by `python
 
 def cmd_upload(args: argparse.Namespace) -> None:
     """Upload a model store folder; with MEDXAI_ARCHIVE_KEY_FILE, sign each checked digest on the way."""
-    from model_store.integrity import ArchiveIntegrityError, signature, signing_key, verify_archive
+    from medxplain_contract.integrity import ArchiveIntegrityError, signature, signing_key, verify_archive
 
     key = signing_key()
     source = Path(args.source)
@@ -105,7 +105,7 @@ def _model_of(name: str) -> str:
 
 def cmd_fetch(args: argparse.Namespace) -> None:
     """Download into a staging folder, verify every archive there, then move the files into place."""
-    from model_store.integrity import ArchiveIntegrityError, read_digest_list, signing_key, verify_archive
+    from medxplain_contract.integrity import ArchiveIntegrityError, read_digest_list, signing_key, verify_archive
 
     key = signing_key()
     digests = read_digest_list(Path(args.digests)) if args.digests else None
@@ -151,7 +151,7 @@ def cmd_fetch(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from model_store.integrity import ArchiveIntegrityError, read_digest_list, signing_key, verify_store
+    from medxplain_contract.integrity import ArchiveIntegrityError, read_digest_list, signing_key, verify_store
 
     try:
         digests = read_digest_list(Path(args.digests)) if args.digests else None

@@ -1,1 +1,1 @@
-"""Inference engine (framework independent) and the thin TorchServe handlers over it."""
+"""TorchServe entry modules and the thin adapter from TorchServe rows to the engine (medxplain_engine)."""

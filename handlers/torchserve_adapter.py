@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from handlers.budget import Budget
-from handlers.engine import Engine, EngineRequest
-from handlers.errors import InputError, as_row_error
+from medxplain_contract.errors import InputError, as_row_error
+from medxplain_engine.budget import Budget
+from medxplain_engine.engine import Engine, EngineRequest
 
 log = logging.getLogger(__name__)
 PAYLOAD_FIELDS = ("data", "file", "image", "volume", "body")

@@ -62,13 +62,13 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def _digest(args: argparse.Namespace) -> None:
-    from model_store.bundle import content_digest, mar_digest
+    from medxplain_models.bundle import content_digest, mar_digest
 
     print(mar_digest(args.path) if args.path.is_file() else content_digest(args.path))
 
 
 def _verify(args: argparse.Namespace) -> None:
-    from model_store.integrity import signing_key, verify_archive
+    from medxplain_contract.integrity import signing_key, verify_archive
 
     key = signing_key()
     for mar in args.archives:
@@ -76,7 +76,7 @@ def _verify(args: argparse.Namespace) -> None:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    from model_store.bundle import ModelBundle
+    from medxplain_models.bundle import ModelBundle
     from model_store.calibrate import calibrate_ddsm
 
     bundle = ModelBundle.load(args.bundle)

@@ -6,7 +6,7 @@ one-line handler entry module; the engine itself is installed in the serving env
 ``.mar`` stays small and every server and batch job runs the same engine code.
 
 Next to each archive go ``<name>.mar.sha256`` (and ``.sha256.sig`` with a signing key, see
-:mod:`model_store.integrity`): every loader refuses an archive that does not match them.
+:mod:`medxplain_contract.integrity`): every loader refuses an archive that does not match them.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from model_store.bundle import MODEL_CARD, MODEL_JSON, WEIGHTS, mar_digest
-from model_store.integrity import signing_key, write_digest
+from medxplain_contract.integrity import signing_key, write_digest
+from medxplain_models.bundle import MODEL_CARD, MODEL_JSON, WEIGHTS, mar_digest
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 HANDLER_DIR = Path(__file__).resolve().parents[1] / "handlers"

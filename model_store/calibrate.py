@@ -7,7 +7,7 @@ score (the highest benign/malignant probability anywhere, DeepMiner's image scor
 validation split fixes the operating point, as any screening model needs one. The scores come from
 the serving engine itself, so the threshold means the same thing online and in batch runs.
 
-``calibrate_ddsm`` chooses one threshold per lesion class (``model_store.decision``, rule
+``calibrate_ddsm`` chooses one threshold per lesion class (``medxplain_models.decision``, rule
 ``per_class_thresholds``) on the validation split: benign and malignant image scores differ in
 scale (a benign mass is a milder deviation from glandular tissue than a spiculated one), so one
 lesion threshold trades benign recall for normal specificity. The pair maximises the balanced
@@ -26,8 +26,8 @@ import numpy as np
 from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
-from model_store.bundle import ModelBundle
-from model_store.decision import PATCH_WINDOW
+from medxplain_models.bundle import ModelBundle
+from medxplain_models.decision import PATCH_WINDOW
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 def full_image_scores(bundle: ModelBundle, data_dir: Path, split: str, limit: int | None = None,
                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(lesion score per image, truth label per image) for one split of a synthetic/indexed set."""
-    from handlers.engine import DDSMEngine  # the engine depends on model_store, not the reverse
+    from medxplain_engine.engine import DDSMEngine  # the engine depends on model_store, not the reverse
 
     with open(Path(data_dir) / "images.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == split][:limit]
@@ -54,7 +54,7 @@ def full_image_scores(bundle: ModelBundle, data_dir: Path, split: str, limit: in
 
 
 def _options(engine):
-    from handlers.options import parse_options
+    from medxplain_engine.options import parse_options
 
     return parse_options({"top_k": 0}, engine.bundle.class_names, engine.methods, (), engine.model.num_units)
 
@@ -78,7 +78,7 @@ def decision_scores(bundle: ModelBundle, data_dir: Path, split: str, score: str 
     Read from the engine's own ``prediction.decision`` (a provisional rule with the map and
     placeholder thresholds), so calibration sees exactly the scores the served decision compares.
     """
-    from handlers.engine import DDSMEngine  # the engine depends on model_store, not the reverse
+    from medxplain_engine.engine import DDSMEngine  # the engine depends on model_store, not the reverse
 
     rows = _rows(data_dir, split)[:limit]
     engine = DDSMEngine(bundle, archive_digest="")

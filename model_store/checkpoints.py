@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from model_store.models.adni import ADNIConfig, ClassificationModel3D
-from model_store.models.ddsm import DDSMConfig, DDSMResNet
+from medxplain_models.adni import ADNIConfig, ClassificationModel3D
+from medxplain_models.ddsm import DDSMConfig, DDSMResNet
 
 
 class CheckpointError(ValueError):

@@ -39,12 +39,12 @@ from scipy import ndimage
 from scipy.stats import rankdata
 from tqdm import tqdm
 
-from handlers.attribution import ExplainContext
-from handlers.engine import Engine
-from handlers.options import parse_options
-from handlers.regions import region_relevance
+from medxplain_engine.attribution import ExplainContext
+from medxplain_engine.engine import Engine
+from medxplain_engine.options import parse_options
+from medxplain_engine.regions import region_relevance
+from medxplain_models.tiling import PATCH_SIZE, Tile, extract_patch
 from model_store.faithfulness import CURVE_STEPS, CurveScorer
-from model_store.tiling import PATCH_SIZE, Tile, extract_patch
 
 DDSM_TOLERANCE_PX = 15
 MRI_TOLERANCE_VOXELS = 2

@@ -2,7 +2,7 @@
 
 Every image goes through ``Engine.run`` (the path TorchServe and the batch job call), and the
 figures are computed from the response: ``prediction.label_index`` (the calibrated decision,
-``model_store.decision``) for accuracy, recall and the confusion matrix, and the decision's image
+``medxplain_models.decision``) for accuracy, recall and the confusion matrix, and the decision's image
 scores for ROC AUC (lesion classes: their map maximum; normal: 1 - the highest lesion score). The
 uncalibrated rule (argmax of the distribution at the most suspicious position) is reported next to
 it, so the gain of the operating point is measured on the same images.
@@ -21,9 +21,9 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score
 from tqdm import tqdm
 
-from handlers.engine import Engine, EngineRequest
-from handlers.errors import InputError
-from model_store.decision import score_vector
+from medxplain_contract.errors import InputError
+from medxplain_engine.engine import Engine, EngineRequest
+from medxplain_models.decision import score_vector
 from model_store.synth.mammo import read_images_csv
 
 REPORT_KEY = "image_level"

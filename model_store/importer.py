@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from model_store.bundle import Atlas, ModelBundle, MRIPreprocessing
+from medxplain_models.adni import CLASS_NAMES as ADNI_CLASSES
+from medxplain_models.bundle import Atlas, ModelBundle, MRIPreprocessing
+from medxplain_models.ddsm import CLASS_NAMES as DDSM_CLASSES
 from model_store.checkpoints import CheckpointError, import_checkpoint
-from model_store.models.adni import CLASS_NAMES as ADNI_CLASSES
-from model_store.models.ddsm import CLASS_NAMES as DDSM_CLASSES
 
 
 def import_seed_checkpoint(args: argparse.Namespace) -> Path:

@@ -5,7 +5,7 @@ image. Applied to every position of a full mammogram, its image score (the class
 is decided by the hardest position of the image - dense glandular tissue, the pectoral edge - which
 random normal tiles rarely show, so normal and benign images get confused at full scale even when
 patches are classified well. MIL fixes that where it arises: each training image is a bag of
-instances (the positions of the class map the decision reads, ``model_store.decision``) with only
+instances (the positions of the class map the decision reads, ``medxplain_models.decision``) with only
 the image label known; the image's score for lesion class c is the maximum over its instances of
 P(c), and a binary cross-entropy on those maxima (normal images: every lesion score low; a class-c
 image: the c score high, the other lesion score low) trains the classifier on the instances that
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from model_store.bundle import ModelBundle
-from model_store.decision import PATCH_WINDOW
-from model_store.preprocess import ddsm_normalise
+from medxplain_models.bundle import ModelBundle
+from medxplain_models.decision import PATCH_WINDOW
+from medxplain_models.preprocess import ddsm_normalise
 from model_store.synth.mammo import read_images_csv
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class MILConfig:
     image_batch: int = 16
     patch_batch: int = 64
     image_weight: float = 1.0  # weight of the image (MIL) loss next to the patch loss
-    score: str = "window"  # the class map the decision reads (model_store.decision)
+    score: str = "window"  # the class map the decision reads (medxplain_models.decision)
     window: int = PATCH_WINDOW
     max_normal_ratio: float = 2.0  # at most this many normal images per lesion image (cost bound)
     seed: int = 0
@@ -62,8 +62,8 @@ class Bags:
 @torch.inference_mode()
 def image_bags(bundle: ModelBundle, data_dir: Path, split: str, cfg: MILConfig, progress: bool = True) -> Bags:
     """One forward per image of ``split``, prepared exactly as the serving engine prepares it."""
-    from handlers.engine import DDSMEngine  # the engine depends on model_store, not the reverse
-    from handlers.options import parse_options
+    from medxplain_engine.engine import DDSMEngine  # the engine depends on model_store, not the reverse
+    from medxplain_engine.options import parse_options
 
     rows = [r for r in read_images_csv(data_dir) if r["split"] == split]
     rng = np.random.default_rng(cfg.seed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model_store.bundle import MODEL_CARD, WEIGHTS, sha256_file
+from medxplain_models.bundle import MODEL_CARD, WEIGHTS, sha256_file
 
 CARD_KEY = "explanation_quality"
 _KEEP = ("pointing_game", "mass_accuracy", "rank_accuracy", "deletion_auc", "insertion_auc")

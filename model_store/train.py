@@ -30,17 +30,17 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model_store.bundle import Atlas, ModelBundle, MRIPreprocessing
+from medxplain_models import adni as adni_model
+from medxplain_models import ddsm as ddsm_model
+from medxplain_models.atlas import load_atlas
+from medxplain_models.bundle import Atlas, ModelBundle, MRIPreprocessing
+from medxplain_models.ddsm import DDSMConfig, DDSMResNet
+from medxplain_models.preprocess import ddsm_normalise
 from model_store.calibrate import calibrate_ddsm
 from model_store.image_level import REPORT_KEY, evaluate_images, record
 from model_store.metrics import classification_report
 from model_store.mil import MILConfig, finetune_full_image
-from model_store.models import adni as adni_model
-from model_store.models import ddsm as ddsm_model
-from model_store.models.ddsm import DDSMConfig, DDSMResNet
-from model_store.preprocess import ddsm_normalise
 from model_store.runtime import make_deterministic, runtime_record
-from model_store.synth.atlas import load_atlas
 from model_store.synth.mammo import build_patch_set
 
 log = logging.getLogger(__name__)

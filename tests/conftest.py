@@ -16,7 +16,7 @@ import torch
 
 from devstack import iam
 from devstack.services import MinioServer, TorchServeServer
-from medxplain_client.s3 import S3Config
+from medxplain_contract.storage import S3Config
 from model_store.archive import build_archive
 from model_store.synth import mammo, mri
 from model_store.train import train

@@ -17,7 +17,7 @@ import pytest
 
 from batch.archive import ArchiveError, load_archive
 from devstack.services import ServiceError, TorchServeServer
-from model_store.integrity import (
+from medxplain_contract.integrity import (
     ArchiveIntegrityError,
     sha256_file,
     signing_key,

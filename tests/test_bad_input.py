@@ -122,7 +122,7 @@ def test_full_mammogram_occlusion_is_refused_before_the_work_naming_what_fits(to
 
 
 def test_unit_maps_for_every_unit_are_refused_before_the_work(torchserve, ddsm_data, ddsm_bundle):
-    from model_store.bundle import ModelBundle
+    from medxplain_models.bundle import ModelBundle
 
     units = ModelBundle.load(ddsm_bundle[0]).model.num_units
     every = {"top_k": str(units), "unit_maps": "true", "encoding": "float16"}

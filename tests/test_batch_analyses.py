@@ -16,9 +16,9 @@ from PIL import Image
 from batch.analyses import SUMMARY_KEY, SimilarityIndex, build_run_outputs
 from batch.analyses.embeddings import load_npy
 from batch.records import ItemRecord, ModelInfo
-from handlers.encoding import decode_2d, decode_3d
-from handlers.engine import Engine, EngineRequest
-from model_store.models.ddsm import PATCH_SIZE
+from medxplain_contract.encodings import decode_2d, decode_3d
+from medxplain_engine.engine import Engine, EngineRequest
+from medxplain_models.ddsm import PATCH_SIZE
 
 DDSM_CLASSES = ["normal", "benign", "malignant"]
 ADNI_CLASSES = ["CN", "AD"]

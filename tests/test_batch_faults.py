@@ -24,7 +24,7 @@ from batch.faults import KILL_ON_SOURCE
 from batch.merge import merge
 from batch.store import Bucket, PreconditionFailed
 from devstack.services import MinioServer
-from medxplain_client.s3 import S3Config
+from medxplain_contract.storage import S3Config
 from tests.batch_support import (
     REPO_ROOT,
     check_complete_items,

@@ -24,8 +24,8 @@ from batch.pseudonyms import PseudonymError, Pseudonyms
 from batch.runner import RunOptions, run_batch
 from batch.sources import SourceError, assign_ids, shard_of
 from medxplain_client import Client
-from medxplain_client.s3 import S3Config
-from model_store.bundle import mar_digest, sha256_file
+from medxplain_contract.storage import S3Config
+from medxplain_models.bundle import mar_digest, sha256_file
 from tests.batch_support import (
     assert_no_source_names,
     check_complete_items,

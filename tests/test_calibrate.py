@@ -7,8 +7,8 @@ import csv
 import numpy as np
 import pytest
 
-from handlers.engine import Engine, EngineRequest
-from model_store.bundle import ModelBundle
+from medxplain_engine.engine import Engine, EngineRequest
+from medxplain_models.bundle import ModelBundle
 from model_store.calibrate import choose_threshold, full_image_scores
 
 

@@ -616,7 +616,7 @@ def container_env(c: dict, objs: list[dict]) -> dict[str, str]:
 def env_problems(objs: list[dict], storage: list[dict]) -> list[str]:
     """MEDXAI_* variables of every container: known to the code, secrets as files that are mounted."""
     problems, known = [], project_env_names() | {"MEDXAI_MODEL_SOURCE"}  # the last one: $(...) in args
-    from medxplain_client.s3 import S3Config
+    from medxplain_contract.storage import S3Config
 
     for obj in objs:
         if "template" not in obj.get("spec", {}):
@@ -776,7 +776,7 @@ def test_compose_stack():
 
 
 def test_archives_upload_and_fetch(minio_server, tmp_path):
-    from model_store.integrity import sha256_file, write_digest
+    from medxplain_contract.integrity import sha256_file, write_digest
 
     keys = tmp_path / "keys"
     keys.mkdir()

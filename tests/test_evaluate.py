@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from handlers.engine import Engine, EngineRequest
+from medxplain_engine.engine import Engine, EngineRequest
+from medxplain_models.ddsm import DDSMConfig, DDSMResNet
 from model_store.__main__ import main
 from model_store.evaluate import (
     cascade,
@@ -21,7 +22,6 @@ from model_store.evaluate import (
     sanity_flag,
     spearman,
 )
-from model_store.models.ddsm import DDSMConfig, DDSMResNet
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import pytest
 import requests
 from PIL import Image
 
-from handlers.encoding import decode_2d, decode_3d
-from handlers.engine import Engine, EngineRequest
+from medxplain_contract.encodings import decode_2d, decode_3d
+from medxplain_engine.engine import Engine, EngineRequest
 from model_store.evaluate import DDSM_TOLERANCE_PX, dilate, pointing_game
 from tests import inputs
 

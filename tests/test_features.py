@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from handlers.engine import Engine, EngineRequest
+from medxplain_engine.engine import Engine, EngineRequest
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handlers.engine import Engine, EngineRequest
-from model_store.bundle import ModelBundle
+from medxplain_engine.engine import Engine, EngineRequest
+from medxplain_models.bundle import ModelBundle
+from medxplain_models.decision import apply_rule, class_map_logits, decide
 from model_store.calibrate import calibrate_ddsm, choose_class_thresholds, predict_with_thresholds
-from model_store.decision import apply_rule, class_map_logits, decide
 from model_store.image_level import evaluate_images, figures
 from model_store.mil import Bags, MILConfig, finetune_classifier, mil_loss
 
@@ -29,7 +29,7 @@ probability = st.floats(0.001, 0.999, allow_nan=False)
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(probability, probability), min_size=1, max_size=20), probability, probability)
 def test_vectorised_rule_is_the_served_rule(pairs, tb, tm):
-    """Calibration searches with the same rule the engine applies (model_store.decision)."""
+    """Calibration searches with the same rule the engine applies (medxplain_models.decision)."""
     scores = np.array([[0.0, b, m] for b, m in pairs])
     decision = {"thresholds": {"benign": tb, "malignant": tm}}
     served = [apply_rule(list(s), decision, NAMES) for s in scores]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_store.models.adni import ADNIConfig, ClassificationModel3D, conv_output_shape
-from model_store.models.ddsm import DDSMConfig, DDSMResNet
+from medxplain_models.adni import ADNIConfig, ClassificationModel3D, conv_output_shape
+from medxplain_models.ddsm import DDSMConfig, DDSMResNet
 
 
 def test_max_pooling_makes_contributions_exact():

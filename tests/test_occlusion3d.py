@@ -1,4 +1,4 @@
-"""Incremental 3D occlusion (handlers/occlusion3d.py) against the straightforward full recomputation.
+"""Incremental 3D occlusion (medxplain_engine/occlusion3d.py) against the straightforward full recomputation.
 
 A small random ClassificationModel3D on the 2 mm grid (97x115x97: the trailing voxels the max-pools
 drop are exercised) with random BatchNorm statistics, and a planted model whose output depends on a
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from handlers.occlusion3d import (
+from medxplain_engine.occlusion3d import (
     Occlusion3D,
     Window,
     incremental_drops,
@@ -24,7 +24,7 @@ from handlers.occlusion3d import (
     relevance_map,
     window_grid,
 )
-from model_store.models.adni import ADNIConfig, ClassificationModel3D, conv_output_shape
+from medxplain_models.adni import ADNIConfig, ClassificationModel3D, conv_output_shape
 
 SHAPE = (97, 115, 97)
 ATOL = 1e-5

@@ -40,7 +40,7 @@ def _quantus(metric, relevance: np.ndarray, mask: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def maps_and_masks(ddsm_bundle, ddsm_data) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    from handlers.engine import Engine
+    from medxplain_engine.engine import Engine
 
     engine = Engine.from_model_dir(ddsm_bundle[0])
     out = []

@@ -17,8 +17,8 @@ import numpy as np
 import requests
 import torch
 
-from handlers.engine import Engine, EngineRequest, Prepared
-from handlers.errors import InputError
+from medxplain_contract.errors import InputError
+from medxplain_engine.engine import Engine, EngineRequest, Prepared
 from tests import hostile, inputs
 
 PATCH = inputs.patch_png(5)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from handlers.engine import Engine, EngineRequest
-from model_store.bundle import ModelBundle, MRIPreprocessing, build_model
+from medxplain_engine.engine import Engine, EngineRequest
+from medxplain_models.bundle import ModelBundle, MRIPreprocessing, build_model
 from model_store.synth.mri import template_grid
 
 

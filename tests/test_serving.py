@@ -8,7 +8,7 @@ import zipfile
 
 import requests
 
-from model_store.bundle import mar_digest
+from medxplain_models.bundle import mar_digest
 
 
 def _first_test_row(data_dir, index_file: str) -> dict:

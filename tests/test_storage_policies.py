@@ -17,7 +17,7 @@ import pytest
 from minio.error import S3Error
 
 from devstack import iam
-from medxplain_client.s3 import read_object
+from medxplain_contract.storage import read_object
 
 RESULTS, MODELS = "iam-results", "iam-models"
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_devstack_gives_each_component_its_own_user_and_env_file(tmp_path):
     """What `make serve` / `make demo` do: root only provisions; components get their own env files."""
     from devstack.services import MinioServer
     from devstack.stack import provision_storage, ui_env
-    from medxplain_client.s3 import S3Config
+    from medxplain_contract.storage import S3Config
 
     server = MinioServer(data_dir=tmp_path / "data", log_path=tmp_path / "minio.log").start()
     try:

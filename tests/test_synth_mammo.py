@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from medxplain_models.tiling import PATCH_SIZE, Tile, extract_patch, label_components, tile_grid, tile_label
 from model_store.synth.mammo import (
     LESION_KINDS,
     build_patch_set,
@@ -20,7 +21,6 @@ from model_store.synth.mammo import (
     generate_view,
     read_images_csv,
 )
-from model_store.tiling import PATCH_SIZE, Tile, extract_patch, label_components, tile_grid, tile_label
 
 N_CASES, SEED, HEIGHT, WIDTH = 6, 0, 448, 300
 BREAST_MIN = 0.08 * 65535  # every breast pixel is brighter; air is ~0.01

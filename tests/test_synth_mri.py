@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from nilearn import datasets
 
+from medxplain_models.atlas import Region, build_atlas, load_atlas, write_atlas
 from model_store.synth import mri
-from model_store.synth.atlas import Region, build_atlas, load_atlas, write_atlas
 
 N_SUBJECTS = 6
 SEED = 11

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from model_store.bundle import ModelBundle, sha256_file
+from medxplain_models.bundle import ModelBundle, sha256_file
 from model_store.metrics import classification_report
 from model_store.train import PROFILES, BarNotMet, TrainConfig, _fit_to_bar
 

@@ -25,7 +25,7 @@ import streamlit as st
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from medxplain_client.s3 import S3Config
+from medxplain_contract.storage import S3Config
 from ui import agreement, lexicon
 from ui.annotations import Annotation, AnnotationStore, safe_id
 from ui.runs import Run
@@ -296,7 +296,7 @@ def test_agreement_view_and_consensus_export(ui_env, annotations, ddsm_bundle, t
     assert row["current consensus"] == lexicon.label("mass.shape.irregular") and row["concept labels"] == "—"
 
     # the export goes into the next archive: demo answers only when explicitly included
-    from handlers.engine import Engine
+    from medxplain_engine.engine import Engine
     from model_store.__main__ import main as model_store_main
 
     demo_file, trusted_file = tmp_path / "demo_labels.json", tmp_path / "unit_labels.json"
@@ -311,7 +311,7 @@ def test_agreement_view_and_consensus_export(ui_env, annotations, ddsm_bundle, t
     with zipfile.ZipFile(tmp_path / "store" / "ddsm.mar") as zf:
         zf.extractall(unpacked)
     engine = Engine.from_model_dir(unpacked)
-    from handlers.engine import EngineRequest
+    from medxplain_engine.engine import EngineRequest
 
     patch = Image.fromarray((np.random.default_rng(0).random((227, 227)) * 255).astype(np.uint8))
     buf = io.BytesIO()
@@ -493,7 +493,7 @@ def test_no_login_and_no_demo_flag_is_an_error_page(ui_env, monkeypatch):
 
 
 def test_overlay_decodes_every_api_encoding_and_blends():
-    from handlers.encoding import encode_2d, encode_3d
+    from medxplain_contract.encodings import encode_2d, encode_3d
     from ui.overlay import blend, decode_map_entry
 
     values = np.linspace(-1.5, 2.5, 60 * 40, dtype=np.float32).reshape(60, 40)

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from medxplain_client.s3 import read_object
+from medxplain_contract.storage import read_object
 from ui import lexicon
 from ui.runs import _s3_call
 

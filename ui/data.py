@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from medxplain_client.s3 import S3Config
+from medxplain_contract.storage import S3Config
 from ui.annotations import AnnotationStore, version_key
 from ui.overlay import load_image, load_volume, to_uint8
 from ui.runs import Run, RunInfo, RunStore

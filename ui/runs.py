@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medxplain_client.s3 import read_object
+from medxplain_contract.storage import read_object
 from ui.overlay import decode_map_bytes
 
 MANIFEST = "run.json"

@@ -1,6 +1,6 @@
 """Where the UI finds runs, annotations and TorchServe: environment variables, read in one place.
 
-Storage credentials come from :class:`medxplain_client.s3.S3Config` (``MEDXAI_S3_*``); this module
+Storage credentials come from :class:`medxplain_contract.storage.S3Config` (``MEDXAI_S3_*``); this module
 adds only what the UI needs on top of them.
 
 | variable | default | meaning |
@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from medxplain_client.s3 import S3ConfigError, parse_s3_url
+from medxplain_contract.storage import S3ConfigError, parse_s3_url
 
 DEFAULT_RUNS = "s3://medxai/runs"
 _TRUE = ("1", "true", "yes", "on")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from medxplain_client.s3 import S3ConfigError
+from medxplain_contract.storage import S3ConfigError
 from ui import data
 from ui.overlay import DecodeError
 from ui.runs import RunInfo, StorageError

@@ -14,7 +14,7 @@ import numpy as np
 
 from batch.analyses.common import class_source, dumps, group_class
 from batch.records import ItemRecord, ModelInfo
-from model_store.models.ddsm import PATCH_SIZE
+from medxplain_models.ddsm import PATCH_SIZE
 
 TOP_CONTRIBUTORS = 8  # DeepMiner counted each image's top-8 units per class
 SHORTLIST = 20  # ... and showed experts the 20 most frequent units per class

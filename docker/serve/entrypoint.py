@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--digests", default=os.environ.get("MEDXAI_ARCHIVE_DIGESTS"),
                         help="separately stored sha256sum list (default: each archive's <name>.mar.sha256)")
     args, rest = parser.parse_known_args(argv)
-    from model_store.integrity import ArchiveIntegrityError, read_digest_list, signing_key, verify_store
+    from medxplain_contract.integrity import ArchiveIntegrityError, read_digest_list, signing_key, verify_store
 
     try:
         digests = read_digest_list(Path(args.digests)) if args.digests else None

@@ -36,7 +36,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 from tqdm import tqdm
 
-from model_store.tiling import PATCH_SIZE, extract_patch, label_components, tile_grid, tile_label
+from medxplain_models.tiling import PATCH_SIZE, extract_patch, label_components, tile_grid, tile_label
 
 GENERATOR_NAME = "medxai-synth-mammo"
 VERSION = "1.0.0"

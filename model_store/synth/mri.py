@@ -23,7 +23,7 @@ from nilearn import datasets
 from scipy import ndimage
 from tqdm import tqdm
 
-from model_store.synth.atlas import Region, build_atlas, save_nifti, write_atlas
+from medxplain_models.atlas import Region, build_atlas, save_nifti, write_atlas
 
 SEED_SHAPE = (193, 229, 193)
 CLASS_NAMES = ("CN", "AD")

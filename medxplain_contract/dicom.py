@@ -19,7 +19,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from handlers.errors import InputError, PayloadTooLarge
+from medxplain_contract.errors import InputError, PayloadTooLarge
 
 MAX_SEQUENCE_DEPTH = 8  # mammography headers nest 2-3 levels (e.g. view code sequences)
 _JPEG_FAMILY = ("1.2.840.10008.1.2.4.5", "1.2.840.10008.1.2.4.7", "1.2.840.10008.1.2.4.8")

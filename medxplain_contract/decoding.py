@@ -16,8 +16,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from handlers import dicom
-from handlers.errors import InputError, PayloadTooLarge, UnsupportedMediaType
+from medxplain_contract import dicom
+from medxplain_contract.errors import InputError, PayloadTooLarge, UnsupportedMediaType
 
 MAX_IMAGE_PIXELS = 60_000_000  # a 16-bit FFDM is ~4k x 6k = 24 MP; beyond this is a bomb, not a mammogram
 MAX_IMAGE_SIDE = 16_384

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from handlers.errors import InputError
+from medxplain_contract.errors import InputError
 
 ENCODINGS = ("png", "float16")
 

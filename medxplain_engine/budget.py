@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from handlers.errors import InputError, PayloadTooLarge
+from medxplain_contract.errors import InputError, PayloadTooLarge
 
 MIB = 1 << 20
 DEFAULT_RESPONSE_LIMIT = 64 * MIB  # docker/serve/config.properties max_response_size

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from scipy.ndimage import maximum_filter, zoom
 
-from handlers.budget import TooExpensive
-from model_store.models.adni import CHANNELS, POOL_SIZES, ClassificationModel3D
+from medxplain_engine.budget import TooExpensive
+from medxplain_models.adni import CHANNELS, POOL_SIZES, ClassificationModel3D
 
 DEFAULT_SIZE, DEFAULT_STRIDE = 40, 12  # the paper's figure (the seed's code defaults are 50 / 25)
 MAX_PASSES = 20_000

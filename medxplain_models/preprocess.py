@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from model_store.models.ddsm import IMAGENET_MEAN, IMAGENET_STD
+from medxplain_models.ddsm import IMAGENET_MEAN, IMAGENET_STD
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

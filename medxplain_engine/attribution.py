@@ -3,7 +3,7 @@
 Captum does the work wherever it has the method (saliency/sensitivity, guided backprop, integrated
 gradients, Grad-CAM, occlusion, area occlusion as feature ablation over atlas regions). Written by
 hand: CAM from the classifier weights (Captum has no CAM: it is one weighted sum), and the 3D
-occlusion in ``handlers/occlusion3d.py`` (Captum's Occlusion cannot skip windows outside the
+occlusion in ``medxplain_engine/occlusion3d.py`` (Captum's Occlusion cannot skip windows outside the
 brain or reuse activations, which makes the seed's stride-12 map ~100x more expensive).
 
 Every method explains a scalar score of a (1, 1, *spatial) input tensor:
@@ -33,9 +33,9 @@ from captum.attr import (
 )
 from torch import nn
 
-from handlers.budget import CostInput, TooExpensive
-from handlers.errors import InputError
-from handlers.options import RequestOptions
+from medxplain_contract.errors import InputError
+from medxplain_engine.budget import CostInput, TooExpensive
+from medxplain_engine.options import RequestOptions
 
 MAX_OCCLUSION_PASSES_2D = 1024
 
@@ -75,7 +75,7 @@ def _to_numpy(attr: torch.Tensor) -> np.ndarray:
 class Attribution(ABC):
     name: str
     description: str
-    online: bool = True  # offered on the synchronous REST/gRPC path (within the budget, handlers/budget.py)
+    online: bool = True  # offered on the synchronous REST/gRPC path (within the budget, medxplain_engine/budget.py)
     cost_passes: float = 3.0  # forward-pass equivalents at the analysed size: a forward + a backward (2x)
 
     @abstractmethod
@@ -217,7 +217,7 @@ DDSM_DEFAULT = ("cam",)
 
 
 def mri_methods() -> dict[str, Attribution]:
-    from handlers.occlusion3d import Occlusion3D
+    from medxplain_engine.occlusion3d import Occlusion3D
 
     return {m.name: m for m in (Sensitivity(), GuidedBackpropagation(), Occlusion3D(), AreaOcclusion(), GradCAM(),
                                 IntegratedGrads())}

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_store.integrity import sha256_file
-from model_store.models.adni import ADNIConfig, ClassificationModel3D
-from model_store.models.ddsm import DDSMConfig, DDSMResNet
-from model_store.synth.atlas import Region, load_atlas, write_atlas
+from medxplain_contract.integrity import sha256_file
+from medxplain_models.adni import ADNIConfig, ClassificationModel3D
+from medxplain_models.atlas import Region, load_atlas, write_atlas
+from medxplain_models.ddsm import DDSMConfig, DDSMResNet
 
 BUNDLE_FORMAT = 1
 MODEL_JSON = "model.json"

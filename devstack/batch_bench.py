@@ -1,4 +1,4 @@
-"""``python -m batch.bench``: batch throughput vs the model's raw forward loop, in one process.
+"""``python -m devstack.batch_bench``: batch throughput vs the model's raw forward loop, in one process.
 
 The batch side is the real job (read, decode, forward, units, features, encode, upload to a real
 MinIO started here, completion markers); the raw side is only the model's forward pass over
@@ -23,9 +23,9 @@ from batch.archive import load_archive
 from batch.runner import RunOptions, run_batch
 from batch.sources import INDEX_FILES
 from devstack.services import MinioServer
-from handlers.options import parse_options
-from medxplain_client.s3 import S3Config
-from model_store.preprocess import ddsm_normalise
+from medxplain_contract.storage import S3Config
+from medxplain_engine.options import parse_options
+from medxplain_models.preprocess import ddsm_normalise
 
 
 def copy_subset(data_dir: Path, kind: str, n: int, dest: Path) -> int:
@@ -75,7 +75,7 @@ def raw_forward_loop(archive: Path, source: Path, kind: str, batch_size: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m batch.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m devstack.batch_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, default=Path("build/model-store/ddsm.mar"))
     parser.add_argument("--data", type=Path, default=Path("build/data/ddsm"), help="a synthetic set (with its index)")

@@ -20,7 +20,11 @@ from nibabel.processing import resample_from_to
 from PIL import Image
 from torch import nn
 
-from handlers.attribution import (
+from medxplain_contract.decoding import decode_image, decode_volume
+from medxplain_contract.encodings import encode_2d, encode_3d
+from medxplain_contract.errors import InputError, as_row_error
+from medxplain_contract.finite import finite_json
+from medxplain_engine.attribution import (
     DDSM_DEFAULT,
     DDSM_METHODS,
     MRI_DEFAULT,
@@ -29,19 +33,15 @@ from handlers.attribution import (
     UnitMaps,
     mri_methods,
 )
-from handlers.budget import Budget, CostInput
-from handlers.decoding import decode_image, decode_volume
-from handlers.encoding import encode_2d, encode_3d
-from handlers.errors import InputError, as_row_error
-from handlers.features import ItemFeatures, extract_features
-from handlers.finite import finite_json
-from handlers.options import RequestOptions, parse_options
-from handlers.regions import region_relevance
-from handlers.units import rank_units
-from model_store.bundle import ModelBundle, content_digest
-from model_store.decision import decide, image_scores
-from model_store.models.ddsm import FULL_IMAGE_SHORT_SIDE, PATCH_SIZE
-from model_store.preprocess import ddsm_normalise
+from medxplain_engine.budget import Budget, CostInput
+from medxplain_engine.features import ItemFeatures, extract_features
+from medxplain_engine.options import RequestOptions, parse_options
+from medxplain_engine.regions import region_relevance
+from medxplain_engine.units import rank_units
+from medxplain_models.bundle import ModelBundle, content_digest
+from medxplain_models.ddsm import FULL_IMAGE_SHORT_SIDE, PATCH_SIZE
+from medxplain_models.decision import decide, image_scores
+from medxplain_models.preprocess import ddsm_normalise
 
 log = logging.getLogger(__name__)
 API_VERSION = "1"
@@ -176,7 +176,7 @@ class Engine(ABC):
         return out
 
     def check_budget(self, item: Prepared) -> None:
-        """Explanation cost and response size, before the forward pass (handlers/budget.py)."""
+        """Explanation cost and response size, before the forward pass (medxplain_engine/budget.py)."""
         options = item.options
         self.budget.check_cost(self.methods, options, self.cost_input(item))
         n_maps = len(options.explain) + (options.top_k if options.unit_maps else 0)
@@ -344,7 +344,7 @@ class DDSMEngine(Engine):
         return self.model.fc.weight
 
     def _decide(self, fmap: torch.Tensor, class_scores: torch.Tensor) -> dict | None:
-        """Image-level label under the bundle's calibrated operating point (model_store.decision)."""
+        """Image-level label under the bundle's calibrated operating point (medxplain_models.decision)."""
         decision = self.bundle.decision
         if not decision:
             return None

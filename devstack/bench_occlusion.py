@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from handlers.occlusion3d import (
+from medxplain_engine.occlusion3d import (
     Window,
     default_batch_size,
     incremental_drops,
@@ -35,7 +35,7 @@ from handlers.occlusion3d import (
     relevance_map,
     window_grid,
 )
-from model_store.models.adni import POOL_SIZES, ADNIConfig, ClassificationModel3D
+from medxplain_models.adni import POOL_SIZES, ADNIConfig, ClassificationModel3D
 from model_store.synth.mri import template_grid
 
 TARGET = 1  # AD
@@ -206,7 +206,7 @@ def _report(setup: Setup, plain: Result, fast: Result, n_grid: int, n_brain: int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m handlers.bench_occlusion", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m devstack.bench_occlusion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 mm grid (97x115x97), cube 20, stride 6")
     parser.add_argument("--size", type=int, help="cube edge in voxels (default 40, --quick 20)")

@@ -1,0 +1,1 @@
+"""The inference engine: staged, runtime-independent (TorchServe and batch adapters call it)."""

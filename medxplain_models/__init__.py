@@ -1,0 +1,1 @@
+"""Model definitions, the bundle format and preprocessing: what a trained model is, independent of serving."""
