@@ -55,8 +55,9 @@ def _move_data(encoded: dict, key: str, objects: dict[str, bytes]) -> dict:
     return out
 
 
-def display_copy(kind: str, features: ItemFeatures, model_affine: np.ndarray | None) -> tuple[str, bytes]:
-    """The analysed input for display: 8-bit PNG (ddsm) or uint8-scaled NIfTI on the model grid (adni).
+def display_copy(kind: str, features: ItemFeatures, geometry: dict) -> tuple[str, bytes]:
+    """The analysed input for display: 8-bit PNG (ddsm, in the ``analysed_size`` frame of the response's
+    ``input.geometry``) or uint8-scaled NIfTI on the model grid with ``geometry.model_affine`` (adni).
 
     Built from the engine's analysed array, so no header of the source file survives.
     """
@@ -65,7 +66,7 @@ def display_copy(kind: str, features: ItemFeatures, model_affine: np.ndarray | N
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="PNG")
         return "input.png", buf.getvalue()
-    encoded = encode_3d(features.display, model_affine)
+    encoded = encode_3d(features.display, np.asarray(geometry["model_affine"], dtype=np.float64))
     return "input.nii.gz", base64.b64decode(encoded["data"])
 
 
@@ -86,7 +87,7 @@ def mask_copy(kind: str, data: bytes) -> tuple[str, bytes]:
 
 
 def item_objects(kind: str, item: SourceItem, response: dict, features: ItemFeatures,
-                 model_affine: np.ndarray | None, mask: bytes | None) -> dict[str, bytes]:
+                 mask: bytes | None) -> dict[str, bytes]:
     """Relative key (under items/<id>/) -> bytes, without the completion marker."""
     objects: dict[str, bytes] = {}
     result = dict(response)
@@ -108,7 +109,7 @@ def item_objects(kind: str, item: SourceItem, response: dict, features: ItemFeat
     if features.class_map is not None:
         arrays["class_map"] = features.class_map.astype(np.float16)
     objects["features.npz"] = npz_bytes(arrays)
-    name, data = display_copy(kind, features, model_affine)
+    name, data = display_copy(kind, features, response["input"]["geometry"])
     objects[name] = data
     if mask is not None:
         try:

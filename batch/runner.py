@@ -1,9 +1,10 @@
 """One shard of a batch run: plan, skip what is complete, infer in batches, write objects, summarise.
 
-The pipeline keeps the forward pass busy: a fetch pool reads and decodes the next batches (the
-engine's own ``prepare``, run ahead of time) while the main thread runs
-``Engine.run_with_features`` on the current batch, and an upload pool encodes and writes finished
-items. An item's ``_complete.json`` is written after all its other objects (create-once, with
+The pipeline keeps the forward pass busy: a fetch pool reads the next batches and runs the engine's
+``prepare`` stage on them (decode, validate, budget) while the main thread runs the remaining stages
+(``Engine.run_prepared``: infer, explain, serialise, features) on the current batch, and an upload
+pool writes finished items. These are the stages TorchServe's adapter runs, so online and batch
+results for the same input are the same bytes. An item's ``_complete.json`` is written after all its other objects (create-once, with
 ``If-None-Match: *``), so a crash at any point leaves either a complete item or one that the next
 run redoes. Before an item is read and decoded its attempt marker is written (``batch.claims``):
 a live writer's marker keeps a second pod off the item, and an item whose attempts keep killing the
@@ -47,8 +48,7 @@ from batch.store import (
 )
 from medxplain_contract.errors import InputError
 from medxplain_contract.storage import S3Config, parse_s3_url
-from medxplain_engine.engine import API_VERSION, Engine, EngineRequest, Prepared
-from medxplain_engine.options import RequestOptions, parse_options
+from medxplain_engine.engine import API_VERSION, EngineRequest, Prepared
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def storage_config(options: RunOptions) -> S3Config:
 @dataclass
 class Fetched:
     item: SourceItem
-    payload: bytes | None = None
+    prepared: Prepared | InputError | None = None  # the engine's prepare stage, run in the fetch pool
     mask: bytes | None = None
     error: tuple[str, str] | None = None  # (code, message) when the input could not even be read
     held: bool = False  # another live writer claimed it: leave it alone
@@ -140,38 +140,6 @@ def _reason(err: BaseException) -> str:
 Submit = Callable[..., object]
 
 
-class PrefetchedPrepare:
-    """Stands in for ``engine.prepare`` so decoding runs in the fetch pool, ahead of the forward pass.
-
-    ``run_with_features`` still calls ``prepare`` for every request (same code path as online); it
-    just gets the result computed earlier by the same function with the same options, or the same
-    exception. A payload that was not precomputed is prepared inline.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.original = engine.prepare
-        self.ready: dict[int, tuple[bytes, RequestOptions, Prepared | Exception]] = {}
-        self.lock = threading.Lock()
-        engine.prepare = self  # type: ignore[method-assign]
-
-    def precompute(self, payload: bytes, options: RequestOptions) -> None:
-        try:
-            value: Prepared | Exception = self.original(payload, options)
-        except Exception as err:  # noqa: BLE001 - handed to the engine, which classifies it
-            value = err
-        with self.lock:
-            self.ready[id(payload)] = (payload, options, value)
-
-    def __call__(self, payload: bytes, options: RequestOptions) -> Prepared:
-        with self.lock:
-            entry = self.ready.pop(id(payload), None)
-        if entry is None or entry[0] is not payload or entry[1] != options:
-            return self.original(payload, options)
-        if isinstance(entry[2], Exception):
-            raise entry[2]
-        return entry[2]
-
-
 class ShardRun:
     """State of one invocation; :func:`run_batch` is the entry point."""
 
@@ -181,10 +149,7 @@ class ShardRun:
         self.writer = writer
         self.engine = loaded.engine
         self.params = {"top_k": options.top_k, "explain": ",".join(options.explain)}
-        self.request_options = parse_options(self.params, self.engine.bundle.class_names, self.engine.methods,
-                                             self.engine.default_methods, self.engine.model.num_units)
-        prep = self.engine.bundle.preprocessing
-        self.model_affine = None if prep is None else prep.affine
+        self.request_options = self.engine.options(self.params)
         self.lock = threading.Lock()
         self.result = ShardResult(options.output, options.shard, options.shards)
         self.previous_failures: set[str] = set()
@@ -195,7 +160,7 @@ class ShardRun:
 
     # -- per item ---------------------------------------------------------------------------------
 
-    def fetch(self, item: SourceItem, prefetch: PrefetchedPrepare) -> Fetched:
+    def fetch(self, item: SourceItem) -> Fetched:
         if item.size is None:
             return Fetched(item, error=("missing_input", "listed in the index but not found in the source"))
         if item.size > MAX_INPUT_BYTES:
@@ -225,13 +190,12 @@ class ShardRun:
         except Exception as err:  # noqa: BLE001 - missing object, I/O error, long outage: this item only
             return Fetched(item, error=("input_unreadable", f"could not read the input: {_reason(err)}"), claimed=True)
         faults.before_decode(item.key)
-        prefetch.precompute(payload, self.request_options)
-        return Fetched(item, payload, mask, claimed=True)
+        return Fetched(item, self.engine.prepare_isolated(EngineRequest(payload, self.params)), mask, claimed=True)
 
     def store_item(self, fetched: Fetched, response: dict, features) -> None:
         item = fetched.item
         try:
-            objects = item_objects(self.engine.kind, item, response, features, self.model_affine, fetched.mask)
+            objects = item_objects(self.engine.kind, item, response, features, fetched.mask)
             digests = {name: self.out.put(self.key("items", item.item_id, name), data, content_type(name))
                        for name, data in objects.items()}
             try:
@@ -293,16 +257,16 @@ class ShardRun:
         if not ok:
             return tasks
         try:
-            results = self.engine.run_with_features([EngineRequest(f.payload, self.params) for f in ok])
+            results = self.engine.run_prepared([f.prepared for f in ok], with_features=True)
         except Exception as err:  # e.g. out of memory: fail this batch, keep the run going
             log.exception("a batch failed in the engine")
             results = [InputError("internal_error", f"inference failed: {type(err).__name__}")] * len(ok)
         for f, r in zip(ok, results):
-            f.payload = None  # drop the bytes early
+            f.prepared = None  # drop the input early
             if isinstance(r, InputError):
                 tasks.append(submit(self.fail, f.item, r.code, r.message, r.status))
             else:
-                tasks.append(submit(self.store_item, f, *r))
+                tasks.append(submit(self.store_item, f, r.response, r.features))
         return tasks
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -310,7 +274,6 @@ class ShardRun:
     def run(self, todo: list[SourceItem]) -> None:
         opts = self.options
         batches = [todo[i:i + opts.batch_size] for i in range(0, len(todo), opts.batch_size)]
-        prefetch = PrefetchedPrepare(self.engine)
         self.bar = tqdm(total=len(todo), unit="item", desc=f"{self.engine.kind} shard {opts.shard}/{opts.shards}",
                         disable=not opts.progress, file=sys.stderr)
         try:
@@ -323,7 +286,7 @@ class ShardRun:
                 def submit_next() -> None:
                     batch = next(upcoming, None)
                     if batch is not None:
-                        queued.append([fetch_pool.submit(self.fetch, item, prefetch) for item in batch])
+                        queued.append([fetch_pool.submit(self.fetch, item) for item in batch])
 
                 for _ in range(lookahead):
                     submit_next()
@@ -337,7 +300,6 @@ class ShardRun:
                 for f in pending:
                     f.result()
         finally:
-            del self.engine.prepare  # back to the class's method
             self.bar.close()
 
     def run_isolated(self, todo: list[SourceItem]) -> None:
@@ -345,12 +307,8 @@ class ShardRun:
         so a poison item's next attempt is counted against it alone and costs no other item an attempt."""
         if not todo:
             return
-        prefetch = PrefetchedPrepare(self.engine)
-        try:
-            for item in todo:
-                self.dispatch([self.fetch(item, prefetch)], lambda fn, *args, **kwargs: fn(*args, **kwargs))
-        finally:
-            del self.engine.prepare
+        for item in todo:
+            self.dispatch([self.fetch(item)], lambda fn, *args, **kwargs: fn(*args, **kwargs))
 
 
 def write_summary(out: Bucket, key: str, summary: dict, changed: bool, tries: int = 20) -> None:

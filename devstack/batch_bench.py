@@ -24,7 +24,7 @@ from batch.runner import RunOptions, run_batch
 from batch.sources import INDEX_FILES
 from devstack.services import MinioServer
 from medxplain_contract.storage import S3Config
-from medxplain_engine.options import parse_options
+from medxplain_engine.engine import EngineRequest
 from medxplain_models.preprocess import ddsm_normalise
 
 
@@ -49,11 +49,9 @@ def raw_forward_loop(archive: Path, source: Path, kind: str, batch_size: int) ->
     loaded = load_archive(archive, kind)
     try:
         engine, model = loaded.engine, loaded.engine.model
-        options = parse_options({}, engine.bundle.class_names, engine.methods, engine.default_methods,
-                                model.num_units)
         with open(source / INDEX_FILES[kind], newline="") as f:
             paths = [source / r["path"] for r in csv.DictReader(f)]
-        tensors = [engine.prepare(p.read_bytes(), options).inputs for p in paths]
+        tensors = [engine.prepare(EngineRequest(p.read_bytes(), {})).inputs for p in paths]
         batches = [tensors[i:i + batch_size] for i in range(0, len(tensors), batch_size)]
 
         @torch.inference_mode()

@@ -11,7 +11,7 @@ Every method explains a scalar score of a (1, 1, *spatial) input tensor:
   image as input, so maps live in image space;
 - MRI: the softmax probability of the target class (the seed's choice), with the normalised
   volume as input (0 = training mean, which is also the occlusion fill value).
-Maps come back as float32 arrays on the input grid.
+Maps come back as float32 arrays on the analysed grid (``serialise`` puts them into the sent frame).
 """
 
 from __future__ import annotations

@@ -1,8 +1,16 @@
-"""The inference engine: decode -> validate -> preprocess -> forward -> units -> attributions -> encode.
+"""The inference engine: public stages prepare -> infer -> explain -> features -> serialise.
 
-TorchServe handlers, the batch job and the tests all call :meth:`Engine.run`, so online and batch
-results for the same bytes come from the same code. Nothing here knows about TorchServe.
-Shape of a response: ``docs/api.md``.
+Every runtime calls these stages and nothing else: the TorchServe adapter (``handlers/``) and the
+batch job (``batch/runner.py``) through :meth:`Engine.run` / :meth:`Engine.run_prepared`,
+calibration and evaluation (``model_store/``) stage by stage. So online and batch results for the
+same bytes come from the same code, and what evaluation measures is what users get.
+The model-specific halves live in ``mammo.py`` (DDSM) and ``mri.py`` (ADNI). Shape of a response:
+``docs/api.md`` and ``medxplain_contract/schemas/``.
+
+Stage results are typed (:class:`Prepared`, :class:`Inference`, :class:`Explanation`); geometry
+travels with the data: a :class:`Prepared` item carries its :class:`Geometry2D` / :class:`Geometry3D`
+(sent size and analysed size, or the sent scan's affine and the model grid's), and ``serialise``
+puts maps back into the sent frame from it and reports it as ``input.geometry``.
 """
 
 from __future__ import annotations
@@ -13,39 +21,25 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
-from nibabel.processing import resample_from_to
-from PIL import Image
 from torch import nn
 
-from medxplain_contract.decoding import decode_image, decode_volume
-from medxplain_contract.encodings import encode_2d, encode_3d
 from medxplain_contract.errors import InputError, as_row_error
 from medxplain_contract.finite import finite_json
-from medxplain_engine.attribution import (
-    DDSM_DEFAULT,
-    DDSM_METHODS,
-    MRI_DEFAULT,
-    Attribution,
-    ExplainContext,
-    UnitMaps,
-    mri_methods,
-)
+from medxplain_engine.attribution import Attribution, ExplainContext, UnitMaps
 from medxplain_engine.budget import Budget, CostInput
 from medxplain_engine.features import ItemFeatures, extract_features
 from medxplain_engine.options import RequestOptions, parse_options
-from medxplain_engine.regions import region_relevance
 from medxplain_engine.units import rank_units
+from medxplain_engine.version import engine_record
 from medxplain_models.bundle import ModelBundle, content_digest
-from medxplain_models.ddsm import FULL_IMAGE_SHORT_SIDE, PATCH_SIZE
-from medxplain_models.decision import decide, image_scores
-from medxplain_models.preprocess import ddsm_normalise
 
 log = logging.getLogger(__name__)
 API_VERSION = "1"
 
+
+# --- stage inputs and results --------------------------------------------------------------------
 
 @dataclass
 class EngineRequest:
@@ -55,32 +49,98 @@ class EngineRequest:
     params: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Geometry2D:
+    """Where a 2D input's pixels are: maps are returned in the sent frame, the network saw ``analysed_size``."""
+
+    size: tuple[int, int]  # (rows, cols) of the image as sent
+    analysed_size: tuple[int, int]  # (rows, cols) the network analysed (full images are resized)
+
+    @property
+    def scale(self) -> float:
+        """Analysed pixels per sent pixel (the same along both axes up to rounding)."""
+        return self.analysed_size[0] / self.size[0]
+
+    def to_json(self) -> dict:
+        return {"frame": "sent", "size": list(self.size), "analysed_size": list(self.analysed_size),
+                "scale": round(self.scale, 9)}
+
+
+@dataclass(frozen=True)
+class Geometry3D:
+    """A volume's grid and the model's: maps are returned on the sent grid (``affine``)."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray  # voxel -> world (mm) of the volume as sent
+    model_shape: tuple[int, int, int]
+    model_affine: np.ndarray  # the template grid the network analysed
+
+    @property
+    def resampled(self) -> bool:
+        return self.shape != self.model_shape or not np.allclose(self.affine, self.model_affine, atol=1e-3)
+
+    def to_json(self) -> dict:
+        return {"frame": "sent", "shape": list(self.shape), "affine": np.round(self.affine, 6).tolist(),
+                "model_shape": list(self.model_shape), "model_affine": np.round(self.model_affine, 6).tolist()}
+
+
+Geometry = Geometry2D | Geometry3D
+
+
 @dataclass
 class Prepared:
-    """A decoded, validated input ready for the forward pass."""
+    """``prepare``'s result: a decoded, validated, budget-checked input ready for the forward pass."""
 
-    inputs: torch.Tensor  # (1, 1, *spatial) in the space attributions are computed in
-    mode: str  # items with the same mode share a forward pass
+    inputs: torch.Tensor  # (1, 1, *analysed) in the space attributions are computed in
+    mode: str  # items with the same mode share a forward pass ("patch" | "full" | "volume")
     options: RequestOptions
-    meta: dict = field(default_factory=dict)
+    geometry: Geometry
+    meta: dict = field(default_factory=dict)  # reported as the response's ``input`` (format, bits, ...)
     warnings: list[str] = field(default_factory=list)
-    source_affine: np.ndarray | None = None  # MRI: the sent scan's affine, for maps on its own grid
 
 
 @dataclass
-class Forward:
-    """What one item's forward pass left behind for units and attributions."""
+class Inference:
+    """``infer``'s result for one item: the prediction and what units and attributions reuse."""
 
-    probabilities: np.ndarray
-    feature_map: torch.Tensor  # (units, *spatial) of the explained layer
-    decision: dict | None = None  # full mammograms: the calibrated image-level decision (its label wins)
+    probabilities: np.ndarray  # (classes,) the reported distribution
+    feature_map: torch.Tensor  # (units, *cells) of the explained layer
+    label_index: int  # the calibrated decision's label when the model has one, else the argmax
+    decision: dict | None = None  # full mammograms: ``prediction.decision`` (medxplain_models.decision)
+    class_scores: dict[str, float] | None = None  # full mammograms: each class's class-map maximum
     class_map: torch.Tensor | None = None  # full mammograms: (classes, *cells) class-probability map
 
 
+@dataclass
+class Explanation:
+    """``explain``'s result: raw float maps on the analysed grid (``serialise`` encodes them)."""
+
+    target: int
+    units: list[dict] = field(default_factory=list)
+    unit_maps: np.ndarray | None = None  # (top_k, *analysed) when asked
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # method -> (*analysed,) relevance
+    regions: dict[str, list[dict]] = field(default_factory=dict)  # MRI: atlas table per method
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    """One item's response (the JSON the API returns) and, when asked, its batch features."""
+
+    response: dict
+    features: ItemFeatures | None = None
+
+
+# --- the engine ----------------------------------------------------------------------------------
+
 class Engine(ABC):
+    """One model bound once (like a Captum attribution class); every request goes through the stages."""
+
     kind: str
     methods: dict[str, Attribution]
     default_methods: tuple[str, ...]
+    weight_source: str  # what a unit's ``weight`` is (medxplain_engine/units.py)
+    peak_window: int | None = None  # cells per side of ItemFeatures.peak_maps (2D models)
 
     def __init__(self, bundle: ModelBundle, archive_digest: str) -> None:
         self.bundle = bundle
@@ -94,14 +154,20 @@ class Engine(ABC):
     @staticmethod
     def from_model_dir(model_dir: Path) -> Engine:
         """Load an unpacked archive (TorchServe's model_dir or the batch job's extraction)."""
+        from medxplain_engine.mammo import DDSMEngine  # the two halves import this module
+        from medxplain_engine.mri import ADNIEngine
+
         model_dir = Path(model_dir)
         bundle = ModelBundle.load(model_dir)
         engine_cls = {"ddsm": DDSMEngine, "adni": ADNIEngine}[bundle.kind]
         return engine_cls(bundle, content_digest(model_dir))
 
+    # -- description ------------------------------------------------------------------------------
+
     def model_info(self) -> dict:
+        """``model`` of every response: the archive digest identifies weights, configuration and engine code."""
         return {"name": self.bundle.name, "version": self.bundle.version, "archive_digest": self.archive_digest,
-                "weights_sha256": self.bundle.card.get("weights_sha256")}
+                "weights_sha256": self.bundle.card.get("weights_sha256"), "engine": engine_record()}
 
     def describe_methods(self) -> dict:
         """Each method's description, cost class and, when the model card has one, its measured quality:
@@ -118,62 +184,72 @@ class Engine(ABC):
                 "quality_source": {k: quality[k] for k in ("split", "limit", "target", "sanity_threshold", "tolerance",
                                                           "settings", "how_to_read") if k in quality}}
 
-    # -- pipeline -------------------------------------------------------------------------------
+    # -- composed runs ----------------------------------------------------------------------------
 
     def run(self, requests: list[EngineRequest]) -> list[dict | InputError]:
-        """One result per request, in order; a bad item yields its error without failing the others."""
-        return [r if isinstance(r, InputError) else r[0] for r in self.run_with_features(requests)]
+        """The online path: one response (or its error) per request, in order."""
+        results = self.run_prepared([self.prepare_isolated(r) for r in requests])
+        return [r if isinstance(r, InputError) else r.response for r in results]
 
-    def run_with_features(self, requests: list[EngineRequest]) -> list[tuple[dict, ItemFeatures] | InputError]:
-        """:meth:`run` plus each item's :class:`ItemFeatures` (the batch job's entry: same code path).
+    def run_prepared(self, items: list[Prepared | InputError], with_features: bool = False) -> list[Result | InputError]:
+        """infer -> explain -> serialise (-> features) for prepared items; errors pass through in place.
 
-        Every stage is isolated per item: whatever one item raises (options, decoding, budgets, the
-        batched forward, explaining, encoding) becomes that item's error and the others go on. A
-        failed batched forward is retried item by item, so only the guilty item fails.
+        Every stage is isolated per item: whatever one item raises becomes that item's error and the
+        others go on (``infer`` retries a failed batched forward item by item).
         """
-        results: list[tuple[dict, ItemFeatures] | InputError | None] = [None] * len(requests)
-        prepared: dict[int, Prepared] = {}
-        for i, req in enumerate(requests):
-            stage = "options"
+        results: list[Result | InputError] = list(items)  # type: ignore[arg-type]
+        ready = [(i, p) for i, p in enumerate(items) if isinstance(p, Prepared)]
+        for (i, item), inference in zip(ready, self.infer([p for _, p in ready]), strict=True):
+            if isinstance(inference, InputError):
+                results[i] = inference
+                continue
+            stage = "explain"
             try:
-                options = parse_options(req.params, self.bundle.class_names, self.methods, self.default_methods,
-                                        self.model.num_units)
-                stage = "decode"
-                item = self.prepare(req.payload, options)
-                stage = "budget"
-                self.check_budget(item)
-                prepared[i] = item
-            except Exception as err:  # noqa: BLE001 -- one undecodable item must not fail its whole batch
+                explanation = self.explain(item, inference)
+                stage = "serialise"
+                response = self.serialise(item, inference, explanation)
+                stage = "features"
+                results[i] = Result(response, self.features(item, inference) if with_features else None)
+            except Exception as err:  # noqa: BLE001 -- isolate the item, keep the batch and the worker
                 results[i] = as_row_error(err, stage, log)
-        for mode in sorted({p.mode for p in prepared.values()}):
-            idx = [i for i, p in prepared.items() if p.mode == mode]
-            for i, fwd in self._forward_isolated(mode, idx, prepared, results):
-                try:
-                    item = prepared[i]
-                    response = finite_json(self.respond(item, fwd))
-                    results[i] = (response, extract_features(fwd.feature_map, item.inputs, self.peak_window,
-                                                             self.unit_class_weights, fwd.class_map))
-                except Exception as err:  # noqa: BLE001 -- isolate the item, keep the batch and the worker
-                    results[i] = as_row_error(err, "explain", log)
-        return results  # type: ignore[return-value]
+        return results
 
-    def _forward_isolated(self, mode: str, idx: list[int], prepared: dict[int, Prepared],
-                          results: list) -> list[tuple[int, Forward]]:
-        """The batched forward; if it fails, each item alone, so one bad item cannot fail its neighbours."""
+    def prepare_isolated(self, request: EngineRequest) -> Prepared | InputError:
+        """:meth:`prepare`, with any failure turned into the item's error (for callers batching items).
+
+        Unexpected failures while decoding are the input's fault (422), elsewhere the server's (500).
+        """
+        stage = "options"
         try:
-            return list(zip(idx, self.forward(mode, [prepared[i] for i in idx]), strict=True))
-        except Exception as err:  # noqa: BLE001 -- isolated to its row (handlers/errors.as_row_error)
-            if len(idx) == 1:
-                results[idx[0]] = as_row_error(err, "forward", log)
-                return []
-            log.warning("batched forward of %d items failed (%s): retrying one by one", len(idx), type(err).__name__)
-        out = []
-        for i in idx:
-            try:
-                out.append((i, self.forward(mode, [prepared[i]])[0]))
-            except Exception as err:  # noqa: BLE001 -- isolated to its row (handlers/errors.as_row_error)
-                results[i] = as_row_error(err, "forward", log)
-        return out
+            options = self.options(request.params)
+            stage = "decode"
+            item = self.decode(request.payload, options)
+            stage = "budget"
+            self.check_budget(item)
+            return item
+        except Exception as err:  # noqa: BLE001 -- one undecodable item must not fail its whole batch
+            return as_row_error(err, stage, log)
+
+    # -- stage 1: prepare -------------------------------------------------------------------------
+
+    def options(self, params: dict) -> RequestOptions:
+        """Typed request parameters (strict: unknown names, wrong types and ranges are 400s)."""
+        return parse_options(params, self.bundle.class_names, self.methods, self.default_methods,
+                             self.model.num_units)
+
+    def prepare(self, request: EngineRequest) -> Prepared:
+        """Bytes + parameters -> a typed input with its geometry, refused before any work if over budget.
+
+        Raises the item's :class:`InputError` (see :meth:`prepare_isolated`).
+        """
+        prepared = self.prepare_isolated(request)
+        if isinstance(prepared, InputError):
+            raise prepared
+        return prepared
+
+    @abstractmethod
+    def decode(self, payload: bytes, options: RequestOptions) -> Prepared:
+        """Decode, validate and bring onto the network's input grid (model-specific)."""
 
     def check_budget(self, item: Prepared) -> None:
         """Explanation cost and response size, before the forward pass (medxplain_engine/budget.py)."""
@@ -196,42 +272,129 @@ class Engine(ABC):
     def region_rows(self, options: RequestOptions) -> int:
         return 0
 
-    def respond(self, item: Prepared, fwd: Forward) -> dict:
+    # -- stage 2: infer ---------------------------------------------------------------------------
+
+    def infer(self, items: list[Prepared]) -> list[Inference | InputError]:
+        """Forward passes, batched by mode; a failed batch is retried item by item so only the guilty item fails."""
+        out: list[Inference | InputError | None] = [None] * len(items)
+        for mode in sorted({p.mode for p in items}):
+            idx = [i for i, p in enumerate(items) if p.mode == mode]
+            try:
+                for i, inference in zip(idx, self.forward(mode, [items[i] for i in idx]), strict=True):
+                    out[i] = inference
+                continue
+            except Exception as err:  # noqa: BLE001 -- isolated to its row (medxplain_contract/errors.as_row_error)
+                if len(idx) == 1:
+                    out[idx[0]] = as_row_error(err, "forward", log)
+                    continue
+                log.warning("batched forward of %d items failed (%s): retrying one by one", len(idx),
+                            type(err).__name__)
+            for i in idx:
+                try:
+                    out[i] = self.forward(mode, [items[i]])[0]
+                except Exception as err:  # noqa: BLE001 -- isolated to its row
+                    out[i] = as_row_error(err, "forward", log)
+        return out  # type: ignore[return-value]
+
+    @abstractmethod
+    def forward(self, mode: str, items: list[Prepared]) -> list[Inference]:
+        """One forward pass over items of one mode (model-specific); raises for the whole batch."""
+
+    # -- stage 3: explain -------------------------------------------------------------------------
+
+    def explain(self, item: Prepared, inference: Inference, methods: tuple[str, ...] | None = None) -> Explanation:
+        """Ranked units, unit maps and attribution maps for the target (the request's, else the prediction).
+
+        ``methods`` overrides the request's ``explain`` list (evaluation explains offline methods too).
+        """
+        options = item.options
+        target = inference.label_index if options.target is None else options.target
+        ctx = self.explain_context(item, inference)
+        out = Explanation(target=target)
+        if options.top_k:
+            started = time.perf_counter()
+            out.units = rank_units(*self.unit_scores(ctx, inference, target), k=options.top_k,
+                                   unit_labels=self.bundle.unit_labels, weight_source=self.weight_source)
+            out.timing_ms["units"] = _ms(started)
+            if options.unit_maps:
+                out.unit_maps = UnitMaps.compute(ctx, [u["unit"] for u in out.units])
+        for name in options.explain if methods is None else methods:
+            started = time.perf_counter()
+            out.heatmaps[name] = self.methods[name].attribute(ctx, target, options)
+            out.timing_ms[name] = _ms(started)
+            regions = self.region_table(out.heatmaps[name])
+            if regions is not None:
+                out.regions[name] = regions
+        return out
+
+    @abstractmethod
+    def explain_context(self, item: Prepared, inference: Inference) -> ExplainContext:
+        """What attribution methods need: the score model, the explained layer, the input (a copy)."""
+
+    @abstractmethod
+    def unit_scores(self, ctx: ExplainContext, inference: Inference, target: int) -> tuple[np.ndarray, np.ndarray]:
+        """(activations, weights) per unit for the target class."""
+
+    def region_table(self, relevance: np.ndarray) -> list[dict] | None:
+        """Per-region relevance (MRI with an atlas); None for models without regions."""
+        return None
+
+    # -- stage 4: features (only when asked) ------------------------------------------------------
+
+    def features(self, item: Prepared, inference: Inference) -> ItemFeatures:
+        """Per-unit peaks, pooled vector and class contributions for run-level analyses (batch runs ask)."""
+        return extract_features(inference.feature_map, item.inputs, self.peak_window, self.unit_class_weights,
+                                inference.class_map)
+
+    @property
+    def unit_class_weights(self) -> torch.Tensor | None:
+        """(classes, units) weights of a linear classifier on the pooled units, if the model has one."""
+        return None
+
+    # -- stage 5: serialise -----------------------------------------------------------------------
+
+    def serialise(self, item: Prepared, inference: Inference, explanation: Explanation) -> dict:
+        """The JSON response (docs/api.md): maps back in the sent frame, encoded; no NaN anywhere."""
         names = self.bundle.class_names
-        predicted = int(fwd.decision["label_index"]) if fwd.decision else int(np.argmax(fwd.probabilities))
-        target = predicted if item.options.target is None else item.options.target
-        ctx = self.explain_context(item, fwd)
-        timings: dict[str, float] = {}
+        predicted, target = inference.label_index, explanation.target
         response = {
             "api_version": API_VERSION, "model": self.model_info(),
             "prediction": {"label": names[predicted], "label_index": predicted,
-                           "probabilities": {n: float(p) for n, p in zip(names, fwd.probabilities)},
-                           **({"decision": fwd.decision} if fwd.decision else {})},
+                           "probabilities": {n: float(p) for n, p in zip(names, inference.probabilities)},
+                           **({"decision": inference.decision} if inference.decision else {})},
             "target": {"label": names[target], "index": target},
-            "input": item.meta,
+            "input": {**item.meta, **self.inference_meta(inference), "geometry": item.geometry.to_json()},
         }
         if item.options.top_k:
-            started = time.perf_counter()
-            units = rank_units(*self.unit_scores(ctx, fwd, target), k=item.options.top_k,
-                               unit_labels=self.bundle.unit_labels, weight_source=self.weight_source)
-            response["units"] = units
-            timings["units"] = _ms(started)
-            if item.options.unit_maps:
-                maps = UnitMaps.compute(ctx, [u["unit"] for u in units])
-                response["unit_maps"] = self.encode_maps(item, maps, [str(u["unit"]) for u in units], shared_scale=True)
+            response["units"] = explanation.units
+            if explanation.unit_maps is not None:
+                response["unit_maps"] = self.encode_maps(item, explanation.unit_maps,
+                                                         [str(u["unit"]) for u in explanation.units], shared_scale=True)
         if item.options.explain:
             response["heatmaps"] = {}
-            for name in item.options.explain:
-                started = time.perf_counter()
-                relevance = self.methods[name].attribute(ctx, target, item.options)
-                timings[name] = _ms(started)
-                response["heatmaps"][name] = {"description": self.methods[name].description,
-                                              **self._quality(name),
+            for name, relevance in explanation.heatmaps.items():
+                response["heatmaps"][name] = {"description": self.methods[name].description, **self._quality(name),
                                               **self.encode_maps(item, relevance[None], [name])[name]}
-                self.add_method_extras(response, name, relevance)
-        response["timing_ms"] = timings
+            if explanation.regions:
+                response["regions"] = explanation.regions
+        response["timing_ms"] = explanation.timing_ms
         response["warnings"] = item.warnings
-        return response
+        return finite_json(response)
+
+    def inference_meta(self, inference: Inference) -> dict:
+        """What the forward pass adds to the response's ``input`` (full mammograms: class scores, map shape)."""
+        return {}
+
+    def encode_maps(self, item: Prepared, maps: np.ndarray, names: list[str], shared_scale: bool = False) -> dict:
+        """Maps (n, *analysed) -> {name: encoded map in the sent frame} (medxplain_contract/encodings.py)."""
+        return self.encode_sent(item, self.to_sent_frame(item, maps), names, shared_scale)
+
+    @abstractmethod
+    def to_sent_frame(self, item: Prepared, maps: np.ndarray) -> np.ndarray:
+        """(n, *analysed) -> (n, *sent) using the item's geometry."""
+
+    @abstractmethod
+    def encode_sent(self, item: Prepared, maps: np.ndarray, names: list[str], shared_scale: bool) -> dict: ...
 
     def _quality(self, method: str) -> dict:
         """{'quality': sanity flag and pointing game per setting} from the model card, or nothing."""
@@ -240,248 +403,6 @@ class Engine(ABC):
             return {}
         return {"quality": {setting: {k: q.get(k) for k in ("sanity", "pointing_game")} for setting, q in quality.items()}}
 
-    peak_window: int | None = None  # cells per side of ItemFeatures.peak_maps (2D models)
-
-    @property
-    def unit_class_weights(self) -> torch.Tensor | None:
-        """(classes, units) weights of a linear classifier on the pooled units, if the model has one."""
-        return None
-
-    def add_method_extras(self, response: dict, method: str, relevance: np.ndarray) -> None:
-        """Hook for per-method side outputs (the MRI region table)."""
-
-    @property
-    @abstractmethod
-    def weight_source(self) -> str: ...
-
-    @abstractmethod
-    def prepare(self, payload: bytes, options: RequestOptions) -> Prepared: ...
-
-    @abstractmethod
-    def forward(self, mode: str, items: list[Prepared]) -> list[Forward]: ...
-
-    @abstractmethod
-    def explain_context(self, item: Prepared, fwd: Forward) -> ExplainContext: ...
-
-    @abstractmethod
-    def unit_scores(self, ctx: ExplainContext, fwd: Forward, target: int) -> tuple[np.ndarray, np.ndarray]:
-        """(activations, weights) per unit for the target class."""
-
-    @abstractmethod
-    def encode_maps(self, item: Prepared, maps: np.ndarray, names: list[str], shared_scale: bool = False) -> dict: ...
-
 
 def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 1)
-
-
-# --- mammography ---------------------------------------------------------------------------------
-
-class PatchScore(nn.Module):
-    """Grey patch (N, 1, H, W) -> class logits: what attributions explain for patches."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, grey: torch.Tensor) -> torch.Tensor:
-        return self.model(ddsm_normalise(grey[:, 0]))
-
-
-class FullImageScore(PatchScore):
-    """Grey full image -> per-class maximum of the class map (DeepMiner's image score, as logits)."""
-
-    def forward(self, grey: torch.Tensor) -> torch.Tensor:
-        return self.model.class_map(self.model.features(ddsm_normalise(grey[:, 0]))).amax(dim=(2, 3))
-
-
-class DDSMEngine(Engine):
-    kind = "ddsm"
-    methods = DDSM_METHODS
-    default_methods = DDSM_DEFAULT
-    weight_source = "classifier"
-    peak_window = 7  # ~ one 227 px patch at layer4's stride of 32 px
-
-    def __init__(self, bundle: ModelBundle, archive_digest: str) -> None:
-        super().__init__(bundle, archive_digest)
-        self.scores = {"patch": PatchScore(self.model), "full": FullImageScore(self.model)}
-
-    def prepare(self, payload: bytes, options: RequestOptions) -> Prepared:
-        image = decode_image(payload)
-        h, w = image.pixels.shape
-        meta = {"format": image.source_format, "bits": image.bits, "height": h, "width": w}
-        if (h, w) == (PATCH_SIZE, PATCH_SIZE):
-            return Prepared(torch.from_numpy(image.pixels)[None, None], "patch", options, {**meta, "mode": "patch"})
-        scale = FULL_IMAGE_SHORT_SIDE / min(h, w)
-        size = (max(PATCH_SIZE, round(w * scale)), max(PATCH_SIZE, round(h * scale)))
-        self.budget.check_image(h, w, (size[1], size[0]))  # before the resize allocates it
-        resized = np.array(Image.fromarray(image.pixels).resize(size, Image.BILINEAR), dtype=np.float32)
-        return Prepared(torch.from_numpy(resized)[None, None], "full", options,
-                        {**meta, "mode": "full_image", "analysed_size": [size[1], size[0]]})
-
-    @torch.inference_mode()
-    def forward(self, mode: str, items: list[Prepared]) -> list[Forward]:
-        if mode == "patch":
-            fmap = self.model.features(ddsm_normalise(torch.cat([p.inputs for p in items])[:, 0]))
-            probs = torch.softmax(self.model.fc(self.model.pool(fmap)), dim=1).numpy()
-            return [Forward(p, f.clone()) for p, f in zip(probs, fmap)]
-        out = []
-        for item in items:  # full images differ in size: one pass each
-            fmap = self.model.features(ddsm_normalise(item.inputs[:, 0]))
-            prob_map = torch.softmax(self.model.class_map(fmap), dim=1)[0].flatten(1)  # (classes, positions)
-            # The image score per class is the map's maximum (DeepMiner); the reported distribution
-            # is the one at the most suspicious position (lowest 'normal' probability).
-            where = int(torch.argmin(prob_map[0]))
-            class_scores = prob_map.amax(dim=1)
-            item.meta["class_scores"] = {n: float(s) for n, s in zip(self.bundle.class_names, class_scores)}
-            item.meta["map_shape"] = list(fmap.shape[2:])
-            out.append(Forward(prob_map[:, where].numpy(), fmap[0].clone(), self._decide(fmap, class_scores),
-                               prob_map.reshape(-1, *fmap.shape[2:]).clone()))
-        return out
-
-    @property
-    def unit_class_weights(self) -> torch.Tensor:
-        return self.model.fc.weight
-
-    def _decide(self, fmap: torch.Tensor, class_scores: torch.Tensor) -> dict | None:
-        """Image-level label under the bundle's calibrated operating point (medxplain_models.decision)."""
-        decision = self.bundle.decision
-        if not decision:
-            return None
-        scores = class_scores if decision.get("score", "position") == "position" else image_scores(self.model, fmap, decision)
-        return decide(scores, decision, self.bundle.class_names)
-
-    def output_elements(self, item: Prepared) -> int:
-        return int(item.meta["height"]) * int(item.meta["width"])
-
-    def explain_context(self, item: Prepared, fwd: Forward) -> ExplainContext:
-        return ExplainContext(score_model=self.scores[item.mode], explained_layer=self.model.layer4,
-                              inputs=item.inputs.clone(), feature_map=fwd.feature_map,
-                              class_weights=self.model.fc.weight.detach())
-
-    def unit_scores(self, ctx, fwd, target):
-        activations = fwd.feature_map.flatten(1).amax(dim=1).numpy()
-        return activations, self.model.fc.weight[target].detach().numpy()
-
-    def encode_maps(self, item, maps, names, shared_scale=False):
-        h, w = item.meta["height"], item.meta["width"]
-        if maps.shape[1:] != (h, w):  # back from the analysed size to the sent image's pixels
-            maps = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(m, dtype=np.float32)).resize((w, h), Image.BILINEAR)) for m in maps])
-        lo, hi = (float(maps.min()), float(maps.max())) if shared_scale else (None, None)
-        return {n: encode_2d(m, item.options.encoding, lo, hi) for n, m in zip(names, maps)}
-
-
-# --- MRI -----------------------------------------------------------------------------------------
-
-class SoftmaxScore(nn.Module):
-    """Normalised volume -> class probabilities: the seed explains the softmax output."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x), dim=1)
-
-
-class ADNIEngine(Engine):
-    kind = "adni"
-    default_methods = MRI_DEFAULT
-    weight_source = "gradcam"
-
-    def __init__(self, bundle: ModelBundle, archive_digest: str) -> None:
-        super().__init__(bundle, archive_digest)
-        self.methods = mri_methods()
-        self.score = SoftmaxScore(self.model)
-        assert bundle.preprocessing is not None, "an MRI bundle carries its normalisation volumes"
-        self.prep = bundle.preprocessing
-
-    def prepare(self, payload: bytes, options: RequestOptions) -> Prepared:
-        volume = decode_volume(payload)
-        prep = self.prep
-        warnings = list(volume.warnings)
-        on_grid = volume.data.shape == prep.shape and np.allclose(volume.affine, prep.affine, atol=1e-3)
-        data = volume.data if on_grid else self._resample(volume.data, volume.affine)
-        if not on_grid:
-            warnings.append(f"input of shape {list(volume.data.shape)} was resampled onto the model's "
-                            f"{list(prep.shape)} template grid (MNI-152); results are only meaningful for scans "
-                            "registered to that template; heatmaps are returned on the input's grid")
-        meta = {"format": "nifti", "shape": list(volume.data.shape), "resampled": not on_grid,
-                "affine": np.round(volume.affine, 6).tolist()}
-        return Prepared(torch.from_numpy(prep.normalise(data))[None, None], "volume", options, meta, warnings,
-                        source_affine=volume.affine)
-
-    def _resample(self, data: np.ndarray, affine: np.ndarray) -> np.ndarray:
-        if not self._overlaps(data.shape, affine):
-            raise InputError("volume_not_placeable",
-                             "the volume does not cover the model's template space: register it to MNI-152 first")
-        src = nib.Nifti1Image(data, affine)
-        return np.asarray(resample_from_to(src, (self.prep.shape, self.prep.affine), order=1).dataobj, dtype=np.float32)
-
-    def _overlaps(self, shape: tuple[int, ...], affine: np.ndarray) -> bool:
-        """The input's world bounding box must cover at least half of the template grid's."""
-        (a_lo, a_hi), (b_lo, b_hi) = _world_box(shape, affine), _world_box(self.prep.shape, self.prep.affine)
-        inter = np.clip(np.minimum(a_hi, b_hi) - np.maximum(a_lo, b_lo), 0, None).prod()
-        return bool(inter >= 0.5 * (b_hi - b_lo).prod())
-
-    @torch.inference_mode()
-    def forward(self, mode: str, items: list[Prepared]) -> list[Forward]:
-        fmap = self.model.features(torch.cat([p.inputs for p in items]))
-        probs = torch.softmax(self.model.head(fmap), dim=1).numpy()
-        return [Forward(p, f.clone()) for p, f in zip(probs, fmap)]
-
-    @property
-    def voxel_mm(self) -> float:
-        return float(np.abs(np.linalg.det(self.prep.affine[:3, :3])) ** (1 / 3))
-
-    def cost_input(self, item: Prepared) -> CostInput:
-        atlas = self.bundle.atlas
-        return CostInput(spatial=tuple(item.inputs.shape[2:]), brain_mask=self.prep.brain_mask,
-                         n_regions=0 if atlas is None else len(atlas.regions), voxel_mm=self.voxel_mm)
-
-    def output_elements(self, item: Prepared) -> int:
-        return int(np.prod(item.meta["shape"]))
-
-    def map_encoding(self, options: RequestOptions) -> str:
-        return "nifti.gz"
-
-    def region_rows(self, options: RequestOptions) -> int:
-        atlas = self.bundle.atlas
-        return 0 if atlas is None else len(atlas.regions) * len(options.explain)
-
-    def explain_context(self, item: Prepared, fwd: Forward) -> ExplainContext:
-        atlas = self.bundle.atlas
-        return ExplainContext(score_model=self.score, logit_model=self.model, explained_layer=self.model.relu_4,
-                              inputs=item.inputs.clone(),
-                              feature_map=fwd.feature_map, brain_mask=self.prep.brain_mask,
-                              atlas_labels=None if atlas is None else atlas.labels,
-                              voxel_mm=self.voxel_mm)
-
-    def unit_scores(self, ctx, fwd, target):
-        """Grad-CAM weights of the target logit: only the cheap head (pool + dense layers) is differentiated."""
-        fmap = fwd.feature_map[None].clone().requires_grad_(True)
-        with torch.enable_grad():
-            logit = self.model.head(fmap)[0, target]
-            (grad,) = torch.autograd.grad(logit, fmap)
-        activations = fwd.feature_map.flatten(1).amax(dim=1).numpy()
-        return activations, grad[0].flatten(1).mean(dim=1).numpy()
-
-    def add_method_extras(self, response, method, relevance):
-        if self.bundle.atlas is not None:
-            response.setdefault("regions", {})[method] = region_relevance(
-                relevance, self.bundle.atlas.labels, self.bundle.atlas.regions)
-
-    def encode_maps(self, item, maps, names, shared_scale=False):
-        affine = self.prep.affine
-        if item.meta["resampled"]:  # put the map back on the scan it came from
-            source_affine, shape = item.source_affine, tuple(item.meta["shape"])
-            maps = np.stack([np.asarray(resample_from_to(nib.Nifti1Image(m, affine), (shape, source_affine),
-                                                         order=1).dataobj, dtype=np.float32) for m in maps])
-            affine = source_affine
-        return {n: encode_3d(m, affine) for n, m in zip(names, maps)}
-
-
-def _world_box(shape: tuple[int, ...], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    corners = np.array([[i, j, k, 1] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
-    world = corners @ affine.T
-    return world[:, :3].min(0), world[:, :3].max(0)

@@ -1,6 +1,6 @@
-"""Per-item features of the explained layer that run-level analyses need (batch only).
+"""Per-item features of the explained layer that run-level analyses need (computed only when asked).
 
-The online API returns ranked units and maps; a batch run additionally keeps, per item, every
+The online API returns ranked units and maps; a batch run asks ``Engine.run_prepared`` for features and keeps, per item, every
 unit's peak activation and where it occurred, so that the unit atlas (top-activating patches per
 unit, DeepMiner) and the similarity index can be built after the run without a second forward pass.
 """

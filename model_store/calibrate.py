@@ -5,7 +5,8 @@ position of almost every normal mammogram looks a little suspicious: taking the 
 position's argmax calls nearly every normal image abnormal. A threshold on the image's lesion
 score (the highest benign/malignant probability anywhere, DeepMiner's image score) chosen on the
 validation split fixes the operating point, as any screening model needs one. The scores come from
-the serving engine itself, so the threshold means the same thing online and in batch runs.
+the serving engine's own prepare and infer stages, so the threshold means the same thing online and in
+batch runs.
 
 ``calibrate_ddsm`` chooses one threshold per lesion class (``medxplain_models.decision``, rule
 ``per_class_thresholds``) on the validation split: benign and malignant image scores differ in
@@ -26,6 +27,9 @@ import numpy as np
 from sklearn.metrics import roc_curve
 from tqdm import tqdm
 
+from medxplain_contract.errors import InputError
+from medxplain_engine.engine import EngineRequest, Inference
+from medxplain_engine.mammo import DDSMEngine
 from medxplain_models.bundle import ModelBundle
 from medxplain_models.decision import PATCH_WINDOW
 
@@ -34,29 +38,26 @@ log = logging.getLogger(__name__)
 
 def full_image_scores(bundle: ModelBundle, data_dir: Path, split: str, limit: int | None = None,
                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(lesion score per image, truth label per image) for one split of a synthetic/indexed set."""
-    from medxplain_engine.engine import DDSMEngine  # the engine depends on model_store, not the reverse
+    """(lesion score per image, truth label per image) for one split of a synthetic/indexed set.
 
-    with open(Path(data_dir) / "images.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == split][:limit]
+    The lesion score is the plain class map's highest lesion probability (``input.class_scores`` of a
+    response), which the engine reports whatever operating point the bundle has.
+    """
+    rows = _rows(data_dir, split)[:limit]
     engine = DDSMEngine(bundle, archive_digest="")
-    saved, engine.bundle.decision = bundle.decision, {}  # score with the plain class map
-    try:
-        scores = []
-        for row in tqdm(rows, desc=f"calibrating on {split}", unit="image", disable=not progress):
-            prepared = engine.prepare((Path(data_dir) / row["path"]).read_bytes(), _options(engine))
-            engine.forward(prepared.mode, [prepared])
-            class_scores = prepared.meta["class_scores"]
-            scores.append(max(v for k, v in class_scores.items() if k != bundle.class_names[0]))
-    finally:
-        bundle.decision = saved
+    scores = []
+    for row in tqdm(rows, desc=f"calibrating on {split}", unit="image", disable=not progress):
+        inference = _infer(engine, Path(data_dir) / row["path"])
+        scores.append(max(v for k, v in inference.class_scores.items() if k != bundle.class_names[0]))
     return np.asarray(scores), np.asarray([int(r["label"]) for r in rows])
 
 
-def _options(engine):
-    from medxplain_engine.options import parse_options
-
-    return parse_options({"top_k": 0}, engine.bundle.class_names, engine.methods, (), engine.model.num_units)
+def _infer(engine: DDSMEngine, path: Path) -> Inference:
+    """The engine's own prepare and infer stages on one full image (what serving runs before explaining)."""
+    (inference,) = engine.infer([engine.prepare(EngineRequest(path.read_bytes(), {"top_k": 0}))])
+    if isinstance(inference, InputError):
+        raise inference
+    return inference
 
 
 def choose_threshold(lesion_score: np.ndarray, has_lesion: np.ndarray) -> dict:
@@ -75,25 +76,17 @@ def decision_scores(bundle: ModelBundle, data_dir: Path, split: str, score: str 
                     progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(image scores (images, classes), truth labels) of one split under the ``score`` map.
 
-    Read from the engine's own ``prediction.decision`` (a provisional rule with the map and
-    placeholder thresholds), so calibration sees exactly the scores the served decision compares.
+    The scores are the engine's own (``DDSMEngine.image_scores`` on its ``infer`` result, the
+    function the served decision compares with its thresholds), for the candidate rule; the bundle
+    is not modified.
     """
-    from medxplain_engine.engine import DDSMEngine  # the engine depends on model_store, not the reverse
-
     rows = _rows(data_dir, split)[:limit]
     engine = DDSMEngine(bundle, archive_digest="")
-    names = bundle.class_names
-    saved = bundle.decision
-    bundle.decision = {"score": score, "window": window, "thresholds": {n: 0.5 for n in names[1:]}}
-    try:
-        scores = []
-        for row in tqdm(rows, desc=f"calibrating on {split}", unit="image", disable=not progress):
-            prepared = engine.prepare((Path(data_dir) / row["path"]).read_bytes(), _options(engine))
-            (fwd,) = engine.forward(prepared.mode, [prepared])
-            lesion = fwd.decision["scores"]
-            scores.append([1.0 - max(lesion.values()), *(lesion[n] for n in names[1:])])
-    finally:
-        bundle.decision = saved
+    rule = {"score": score, "window": window}
+    scores = []
+    for row in tqdm(rows, desc=f"calibrating on {split}", unit="image", disable=not progress):
+        values = engine.image_scores(_infer(engine, Path(data_dir) / row["path"]), rule)
+        scores.append([1.0 - max(values[1:]), *values[1:]])
     return np.asarray(scores), np.asarray([int(r["label"]) for r in rows])
 
 

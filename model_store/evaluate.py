@@ -3,7 +3,7 @@
 Definitions: ``/work/shared/notes/explanation-quality.md`` (pointing game, relevance mass and rank
 accuracy, Adebayo et al.'s model-randomisation check; for the MRI model also the seed paper's region
 ranking and distances between methods' mean maps). Maps come from the serving engine's own
-pipeline (prepare -> forward -> explain_context -> method.attribute), as raw float maps rather than
+public stages (prepare -> infer -> explain), as raw float maps rather than
 the 8-bit encodings a client receives, so ties from quantisation cannot blur ranks.
 
 Choices that are not in the definitions, stated once here and repeated in the report:
@@ -36,18 +36,26 @@ import numpy as np
 import torch
 from PIL import Image
 from scipy import ndimage
-from scipy.stats import rankdata
 from tqdm import tqdm
 
+from medxplain_contract.errors import InputError
 from medxplain_engine.attribution import ExplainContext
-from medxplain_engine.engine import Engine
-from medxplain_engine.options import parse_options
+from medxplain_engine.engine import Engine, EngineRequest
 from medxplain_engine.regions import region_relevance
+from medxplain_models.localisation import (
+    DDSM_TOLERANCE_PX,
+    MRI_TOLERANCE_VOXELS,
+    dilate,
+    mass_accuracy,
+    normalised_positive,
+    pairwise_l2,
+    pointing_game,
+    rank_accuracy,
+    spearman,
+)
 from medxplain_models.tiling import PATCH_SIZE, Tile, extract_patch
 from model_store.faithfulness import CURVE_STEPS, CurveScorer
 
-DDSM_TOLERANCE_PX = 15
-MRI_TOLERANCE_VOXELS = 2
 SANITY_THRESHOLD = 0.5
 POINTING_BAR = 0.9
 TOP_REGIONS = 10
@@ -55,58 +63,6 @@ TOP_REGIONS = 10
 DDSM_EXPENSIVE = ("integrated_gradients", "occlusion")
 OCCLUSION_DEFAULTS = {"ddsm": "engine default (window 1/8 of the shorter side, stride half of it, fill 0)",
                       "adni": "engine default (the seed's 40 / 12 mm cube / stride in voxels of the model grid)"}
-
-
-# --- metrics (pure) ------------------------------------------------------------------------------
-
-def dilate(mask: np.ndarray, tolerance: float) -> np.ndarray:
-    """Mask grown by ``tolerance`` pixels/voxels (Euclidean), the pointing game's allowed miss."""
-    if tolerance <= 0:
-        return mask.astype(bool)
-    return ndimage.distance_transform_edt(~mask.astype(bool)) <= tolerance
-
-
-def pointing_game(relevance: np.ndarray, mask: np.ndarray, tolerance: float = 0) -> float:
-    """1 if the map's maximum lies in the (dilated) mask; tied maxima score the fraction that do."""
-    peak = relevance == relevance.max()
-    return float(dilate(mask, tolerance)[peak].mean())
-
-
-def mass_accuracy(relevance: np.ndarray, mask: np.ndarray) -> float:
-    """Positive relevance inside the mask / all positive relevance (0 without positive relevance)."""
-    positive = np.clip(relevance, 0, None)
-    total = float(positive.sum())
-    return float(positive[mask.astype(bool)].sum()) / total if total > 0 else 0.0
-
-
-def rank_accuracy(relevance: np.ndarray, mask: np.ndarray) -> float:
-    """Share of the K = |mask| most relevant pixels inside the mask; ties at the cut count pro rata."""
-    flat, inside = relevance.ravel(), mask.ravel().astype(bool)
-    k = int(inside.sum())
-    kth = np.partition(flat, flat.size - k)[flat.size - k]
-    above, tied = flat > kth, flat == kth
-    hits = inside[above].sum() + (k - above.sum()) * inside[tied].mean()
-    return float(hits / k)
-
-
-def spearman(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float:
-    """Spearman rank correlation of two maps (over ``where``); 0 if either map is constant there."""
-    a, b = (a, b) if where is None else (a[where], b[where])
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0
-    return float(np.corrcoef(rankdata(a.ravel()), rankdata(b.ravel()))[0, 1])
-
-
-def normalised_positive(relevance: np.ndarray) -> np.ndarray:
-    """Map clipped at 0 and scaled to sum 1, so every subject weighs the same in a mean map."""
-    positive = np.clip(relevance, 0, None).astype(np.float64)
-    total = positive.sum()
-    return positive / total if total > 0 else positive
-
-
-def pairwise_l2(maps: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Euclidean distance between every two maps (the seed paper compared mean maps this way)."""
-    return {a: {b: float(np.linalg.norm(maps[a] - maps[b])) for b in maps} for a in maps}
 
 
 # --- model randomisation -------------------------------------------------------------------------
@@ -220,25 +176,26 @@ def engine_maps(engine: Engine, case: Case, methods: Sequence[str], params: dict
 
 def engine_maps_in_context(engine: Engine, case: Case, methods: Sequence[str],
                            params: dict) -> tuple[dict[str, np.ndarray], int, dict[str, np.ndarray], ExplainContext]:
-    """:func:`engine_maps` plus the maps on the analysed grid and the context (what the curves perturb)."""
-    options = parse_options({**params, "target": case.target, "top_k": 0}, engine.bundle.class_names,
-                            engine.methods, engine.default_methods, engine.model.num_units)
-    item = engine.prepare(case.payload, options)
-    fwd = engine.forward(item.mode, [item])[0]
-    ctx = engine.explain_context(item, fwd)
-    raw = {m: engine.methods[m].attribute(ctx, case.target, options) for m in methods}
-    maps = {m: _on_grid(r, case.mask.shape) for m, r in raw.items()}
-    return maps, int(np.argmax(fwd.probabilities)), raw, ctx
+    """:func:`engine_maps` plus the maps on the analysed grid and the context (what the curves perturb).
+
+    The engine's public stages: prepare -> infer -> explain; the predicted class is the one users get
+    (the calibrated decision for full mammograms), and maps go back to the sent frame as ``serialise``
+    puts them.
+    """
+    item = engine.prepare(EngineRequest(case.payload, {**params, "target": case.target, "top_k": 0}))
+    (inference,) = engine.infer([item])
+    if isinstance(inference, InputError):
+        raise inference
+    raw = engine.explain(item, inference, methods=tuple(methods)).heatmaps
+    maps = {m: _on_grid(engine.to_sent_frame(item, r[None])[0], case.mask.shape) for m, r in raw.items()}
+    return maps, inference.label_index, raw, engine.explain_context(item, inference)
 
 
 def _on_grid(relevance: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Full mammograms are analysed at 908 px; maps go back to the sent size as the engine does."""
-    if relevance.shape == shape:
-        return relevance
-    if relevance.ndim != 2:
+    """The map in the sent frame must be on the mask's grid (the synthetic masks are drawn on the sent image)."""
+    if relevance.shape != shape:
         raise ValueError(f"map of shape {relevance.shape} does not match the mask's {shape}")
-    image = Image.fromarray(np.ascontiguousarray(relevance, dtype=np.float32))
-    return np.asarray(image.resize((shape[1], shape[0]), Image.BILINEAR))
+    return relevance
 
 
 # --- runner --------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from medxplain_engine.engine import EngineRequest
+from medxplain_engine.mammo import DDSMEngine
 from medxplain_models.bundle import ModelBundle
 from medxplain_models.decision import PATCH_WINDOW
 from medxplain_models.preprocess import ddsm_normalise
@@ -61,10 +63,7 @@ class Bags:
 
 @torch.inference_mode()
 def image_bags(bundle: ModelBundle, data_dir: Path, split: str, cfg: MILConfig, progress: bool = True) -> Bags:
-    """One forward per image of ``split``, prepared exactly as the serving engine prepares it."""
-    from medxplain_engine.engine import DDSMEngine  # the engine depends on model_store, not the reverse
-    from medxplain_engine.options import parse_options
-
+    """One forward per image of ``split``: the serving engine's own prepare and forward stages."""
     rows = [r for r in read_images_csv(data_dir) if r["split"] == split]
     rng = np.random.default_rng(cfg.seed)
     lesion = [r for r in rows if r["label"] > 0]
@@ -74,11 +73,10 @@ def image_bags(bundle: ModelBundle, data_dir: Path, split: str, cfg: MILConfig, 
         normal = [normal[i] for i in np.sort(rng.choice(len(normal), keep, replace=False))]
     rows = sorted(lesion + normal, key=lambda r: r["image_id"])
     engine = DDSMEngine(bundle, archive_digest="")
-    options = parse_options({"top_k": 0}, bundle.class_names, engine.methods, (), engine.model.num_units)
     features = []
     for row in tqdm(rows, desc=f"MIL bags ({split})", unit="image", disable=not progress):
-        prepared = engine.prepare((Path(data_dir) / row["path"]).read_bytes(), options)
-        fmap = bundle.model.features(ddsm_normalise(prepared.inputs[:, 0]))
+        prepared = engine.prepare(EngineRequest((Path(data_dir) / row["path"]).read_bytes(), {"top_k": 0}))
+        fmap = engine.forward(prepared.mode, [prepared])[0].feature_map[None]  # the engine's infer, unisolated
         if cfg.score == "window":
             fmap = F.max_pool2d(fmap, min(cfg.window, *fmap.shape[-2:]), stride=1)
         features.append(fmap[0].flatten(1).T.to(torch.float16).clone())  # (instances, units)

@@ -274,11 +274,12 @@ def test_empty_run():
 
 def _engine_records(engine: Engine, items: list[dict], explain: list[str]) -> list[ItemRecord]:
     """What the job reads back from storage, built in memory from the engine's own outputs."""
-    outputs = engine.run_with_features([EngineRequest(it["payload"], {"explain": explain}) for it in items])
+    outputs = engine.run_prepared([engine.prepare_isolated(EngineRequest(it["payload"], {"explain": explain}))
+                                   for it in items], with_features=True)
     records = []
     for it, out in zip(items, outputs):
         assert not isinstance(out, Exception), out
-        result, feats = out
+        result, feats = out.response, out.features
         heatmaps = {m: e for m, e in result.get("heatmaps", {}).items()}
         decode = ((lambda e: decode_3d(e).get_fdata(dtype=np.float32)) if engine.kind == "adni" else decode_2d)
         features = {"pooled": feats.pooled, "peak": feats.peak, "map_shape": np.array(feats.map_shape),

@@ -15,9 +15,10 @@ def full_image_result(ddsm_bundle, ddsm_data):
     with open(ddsm_data / "images.csv", newline="") as f:
         row = next(r for r in csv.DictReader(f) if r["split"] == "test" and r["label"] != "0")
     engine = Engine.from_model_dir(ddsm_bundle[0])
-    (out,) = engine.run_with_features([EngineRequest((ddsm_data / row["path"]).read_bytes(), {"top_k": 5})])
+    (out,) = engine.run_prepared([engine.prepare(EngineRequest((ddsm_data / row["path"]).read_bytes(), {"top_k": 5}))],
+                                 with_features=True)
     assert not isinstance(out, Exception), out
-    return out
+    return out.response, out.features
 
 
 def test_contributions_match_the_ranked_units(full_image_result):

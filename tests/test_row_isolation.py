@@ -79,16 +79,16 @@ def test_poisoned_rows_in_the_same_dynamic_batch_leave_valid_rows_at_200(torchse
 
 def test_a_failing_batched_forward_is_retried_row_by_row(ddsm_bundle):
     engine = Engine.from_model_dir(ddsm_bundle[0])
-    original = engine.prepare
+    original = engine.decode
     poison = b"poison-marker"
 
-    def prepare(payload, options):
+    def decode(payload, options):
         if payload is poison:  # a row whose empty tensor breaks the batched forward, and its own
             good = original(PATCH, options)
-            return Prepared(good.inputs[..., :0], good.mode, options, dict(good.meta))
+            return Prepared(good.inputs[..., :0], good.mode, options, good.geometry, dict(good.meta))
         return original(payload, options)
 
-    engine.prepare = prepare  # type: ignore[method-assign]
+    engine.decode = decode  # type: ignore[method-assign]
     with torch.no_grad():
         results = engine.run([EngineRequest(PATCH, {"top_k": 2}), EngineRequest(poison, {"top_k": 2}),
                               EngineRequest(inputs.patch_png(6), {"top_k": 2})])

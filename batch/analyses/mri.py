@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 
 from batch.analyses.common import class_source
-from model_store.evaluate import normalised_positive, pairwise_l2
+from medxplain_models.localisation import normalised_positive, pairwise_l2
 
 
 class MeanMaps:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
-from model_store.evaluate import (
+from medxplain_models.localisation import (
     DDSM_TOLERANCE_PX,
     MRI_TOLERANCE_VOXELS,
     dilate,
