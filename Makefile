@@ -27,9 +27,10 @@ MODELS := $(BUILD)/models
 MAR_DIR := $(BUILD)/model-store
 DEMO_PROFILE ?= demo
 
-# Lint the code as part of the tests.
+# Lint the code as part of the tests: ruff, then the layer contracts of pyproject.toml (import-linter).
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 .PHONY: lint help setup check-java check-chromium data train archives serve stop demo test bench clean
 
