@@ -19,14 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 ENGINE_VERSION = "0.1.0"  # the project's version (pyproject.toml reads it from here)
-# The packages a .mar carries; None = every .py file, a tuple = only those files (the handlers package
-# also holds one-line entry modules per model, which go into the archive as its --handler instead).
-ENGINE_PACKAGES: dict[str, tuple[str, ...] | None] = {
-    "medxplain_contract": None,
-    "medxplain_models": None,
-    "medxplain_engine": None,
-    "handlers": ("__init__.py", "torchserve_adapter.py"),
-}
+# What produces a result; the runtime adapters (handlers/, batch/) are not engine code. The .mar also
+# carries the TorchServe adapter (model_store/archive.py), identified by the archive digest.
+ENGINE_PACKAGES = ("medxplain_contract", "medxplain_models", "medxplain_engine")
 
 
 class EngineCodeError(RuntimeError):
@@ -34,13 +29,17 @@ class EngineCodeError(RuntimeError):
 
 
 def package_files(name: str, folder: Path) -> dict[str, Path]:
-    """``{"<package>/<relative path>": file}`` for one package folder, as :data:`ENGINE_PACKAGES` selects."""
-    only = ENGINE_PACKAGES[name]
-    if only is not None:
-        files = [folder / f for f in only if (folder / f).is_file()]
-    else:
-        files = [p for p in folder.rglob("*.py") if "__pycache__" not in p.relative_to(folder).parts]
-    return {f"{name}/{p.relative_to(folder).as_posix()}": p for p in files}
+    """``{"<package>/<relative path>": file}``: every file of a package folder (code and package data such as
+    JSON schemas), without ``__pycache__`` and stray ``.pyc`` files."""
+    return {f"{name}/{p.relative_to(folder).as_posix()}": p for p in folder.rglob("*")
+            if p.is_file() and "__pycache__" not in p.relative_to(folder).parts and p.suffix != ".pyc"}
+
+
+def is_engine_member(relative: str) -> bool:
+    """Whether an archive member (``a/b.py``) is engine code counted by the digest."""
+    parts = relative.split("/")
+    return (len(parts) > 1 and parts[0] in ENGINE_PACKAGES and not relative.endswith("/")
+            and "__pycache__" not in parts and not relative.endswith(".pyc"))
 
 
 def code_files(root: Path) -> dict[str, Path]:

@@ -3,8 +3,8 @@
 The archive holds the bundle's files (weights as a state dict, model.json, model card, unit labels,
 MRI normalisation volumes, brain mask and atlas), the per-model ``model-config.yaml``, a one-line
 handler entry module and the engine code it runs: the packages of
-:data:`medxplain_engine.version.ENGINE_PACKAGES` (contract, models, engine, the TorchServe adapter)
-at the archive's root, plus ``engine.json`` (their version and code digest). TorchServe puts the
+:data:`medxplain_engine.version.ENGINE_PACKAGES` (contract, models, engine) and the TorchServe adapter
+at the archive's root, plus ``engine.json`` (the engine's version and code digest). TorchServe puts the
 unpacked archive on the worker's ``PYTHONPATH``, so a server needs only the third-party packages
 (``requirements/serve.txt``) and the archive digest identifies all the code that drew a heatmap.
 
@@ -23,12 +23,13 @@ import zipfile
 from pathlib import Path
 
 from medxplain_contract.integrity import signing_key, write_digest
-from medxplain_engine.version import ENGINE_PACKAGES, contents_sha256, loaded_code_files, record_of
+from medxplain_engine.version import contents_sha256, is_engine_member, loaded_code_files, record_of
 from medxplain_models.bundle import MODEL_CARD, MODEL_JSON, WEIGHTS, mar_digest
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 HANDLER_DIR = Path(__file__).resolve().parents[1] / "handlers"
 HANDLER_ENTRY = {"ddsm": HANDLER_DIR / "ddsm_handler.py", "adni": HANDLER_DIR / "adni_handler.py"}
+ADAPTER_FILES = ("handlers/__init__.py", "handlers/torchserve_adapter.py")  # what the entry modules import
 ENGINE_JSON = "engine.json"
 
 
@@ -65,9 +66,10 @@ def check_unit_labels(path: Path, include_demo_answers: bool = False) -> dict:
 
 
 def stage_engine_code(folder: Path) -> dict:
-    """Copy the engine code this process imports into ``folder`` (``.py`` files only); return its record."""
+    """Copy the engine code this process imports and the TorchServe adapter into ``folder``; return the
+    engine record (the adapter is not engine code: the archive digest covers it)."""
     files = loaded_code_files()
-    for rel, path in files.items():
+    for rel, path in [*files.items(), *((rel, HANDLER_DIR.parent / rel) for rel in ADAPTER_FILES)]:
         target = folder / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
@@ -77,10 +79,10 @@ def stage_engine_code(folder: Path) -> dict:
 def check_carried_code(mar: Path, engine: dict) -> None:
     """The archive's engine files hash to its engine.json (the archiver skips hidden folders, for one)."""
     with zipfile.ZipFile(mar) as zf:
-        carried = {n: zf.read(n) for n in zf.namelist()
-                   if n.split("/", 1)[0] in ENGINE_PACKAGES and n.endswith(".py")}
+        carried = {n: zf.read(n) for n in zf.namelist() if is_engine_member(n)}
         recorded = json.loads(zf.read(ENGINE_JSON))
-    if recorded != engine or contents_sha256(carried) != engine["code_sha256"]:
+        missing = [rel for rel in ADAPTER_FILES if rel not in zf.namelist()]
+    if recorded != engine or contents_sha256(carried) != engine["code_sha256"] or missing:
         raise ArchiveError(f"{mar}: the engine code it carries does not match its {ENGINE_JSON}")
 
 

@@ -98,7 +98,7 @@ def test_engine_sets_do_pull_torch():
 
 IMAGES = {  # image -> (the set it installs, the project packages it copies)
     "serve": ("serve", {"medxplain_contract", "devstack"}),
-    "batch": ("batch", {"medxplain_contract", "medxplain_models", "medxplain_engine", "handlers", "batch"}),
+    "batch": ("batch", {"medxplain_contract", "medxplain_models", "medxplain_engine", "batch"}),
     "ui": ("ui", {"medxplain_contract", "medxplain_client", "ui"}),
 }
 PACKAGES = {"medxplain_contract", "medxplain_models", "medxplain_engine", "medxplain_client", "handlers",

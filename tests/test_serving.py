@@ -117,10 +117,11 @@ def test_archives_carry_their_engine_code(model_store):
     """Each .mar holds the engine packages and an engine.json that is the digest of exactly those files."""
     for name in ("ddsm", "adni"):
         with zipfile.ZipFile(model_store / f"{name}.mar") as zf:
-            carried = {n: zf.read(n) for n in zf.namelist() if n.split("/")[0] in ENGINE_PACKAGES and n.endswith(".py")}
-        assert {"medxplain_engine/engine.py", "medxplain_contract/encodings.py", "medxplain_models/bundle.py",
-                "handlers/torchserve_adapter.py", "handlers/__init__.py"} <= set(carried)
-        assert "handlers/ddsm_handler.py" not in carried  # the entry module is the archive's handler, at its root
+            names = set(zf.namelist())
+            carried = {n: zf.read(n) for n in names if n.split("/")[0] in ENGINE_PACKAGES and not n.endswith("/")}
+        assert {"medxplain_engine/engine.py", "medxplain_contract/encodings.py", "medxplain_models/bundle.py"} <= set(carried)
+        assert {"handlers/torchserve_adapter.py", "handlers/__init__.py", f"{name}_handler.py"} <= names  # the adapter
+        assert "handlers/ddsm_handler.py" not in names  # the entry module is the archive's handler, at its root
         record = _engine_json(model_store / f"{name}.mar")
         assert record == {"version": ENGINE_VERSION, "code_sha256": contents_sha256(carried)}
         assert record == record_of(code_files(REPO))  # built from this checkout
