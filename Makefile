@@ -112,7 +112,7 @@ $(MODELS)/%/model.json: $(DATA)/%/dataset.json
 
 # An archive carries the engine code (engine.json = its digest): rebuilt when that code changes, since
 # a batch job refuses an archive whose engine code differs from its own.
-ENGINE_CODE := $(wildcard medxplain_contract/*.py medxplain_models/*.py medxplain_engine/*.py handlers/*.py)
+ENGINE_CODE := $(shell find medxplain_contract medxplain_models medxplain_engine handlers -type f -not -path '*/__pycache__/*')
 $(MAR_DIR)/%.mar.sha256: $(MODELS)/%/model.json $(ENGINE_CODE)
 	$(PY) -m model_store archive --bundle $(MODELS)/$* --out $(MAR_DIR)
 
