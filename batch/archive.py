@@ -5,10 +5,18 @@ A ``.mar`` is a zip; member names are checked before anything is written (no abs
 Before that, its sha256 must match the published ``<name>.mar.sha256`` (and its HMAC signature when
 ``MEDXAI_ARCHIVE_KEY_FILE`` is set, see :mod:`medxplain_contract.integrity`): the archive's handler code
 would otherwise run unchecked inside the job.
+
+The archive carries the engine code TorchServe runs (``engine.json``: version and code digest, see
+:mod:`medxplain_engine.version`). The job runs its own, installed engine (its runner imports the
+engine's types, so one process holds one engine version) and refuses an archive whose engine.json
+differs from the code it imports: a batch result is then drawn by exactly the archive's code, the same
+as an online one, or not at all.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import stat
 import tempfile
@@ -18,8 +26,10 @@ from pathlib import Path, PurePosixPath
 
 from medxplain_contract.integrity import ArchiveIntegrityError, signing_key, verify_archive
 from medxplain_engine.engine import Engine
+from medxplain_engine.version import EngineCodeError, engine_record
 
 MAX_UNPACKED_BYTES = 8 * 1024 ** 3
+HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class ArchiveError(ValueError):
@@ -32,6 +42,7 @@ class LoadedArchive:
     sha256: str  # of the .mar file itself
     engine: Engine
     directory: Path  # the unpacked archive (removed by close())
+    engine_record: dict  # {"version", "code_sha256"}: the archive's engine.json, equal to the code this job runs
 
     @property
     def archive_digest(self) -> str:
@@ -83,10 +94,34 @@ def load_archive(mar: Path, expected_kind: str | None = None) -> LoadedArchive:
         safe_extract(mar, directory)
         if not (directory / "model.json").is_file():
             raise ArchiveError(f"{mar} holds no model.json: not a MedXplain model archive")
+        record = check_engine_code(mar, directory)
         engine = Engine.from_model_dir(directory)
         if expected_kind and engine.kind != expected_kind:
             raise ArchiveError(f"{mar} is a {engine.kind!r} model, but --model {expected_kind} was given")
-        return LoadedArchive(mar, sha256, engine, directory)
+        return LoadedArchive(mar, sha256, engine, directory, record)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
+
+
+def check_engine_code(mar: Path, directory: Path) -> dict:
+    """The archive's engine.json, which must equal the record of the engine code this process imports."""
+    try:
+        archived = json.loads((directory / "engine.json").read_text())
+    except FileNotFoundError:
+        raise ArchiveError(f"{mar} carries no engine.json (built before archives carried their engine code): "
+                           "rebuild it with `python -m model_store archive`") from None
+    except (OSError, ValueError) as err:
+        raise ArchiveError(f"{mar}: unreadable engine.json: {err}") from None
+    try:
+        running = engine_record()
+    except EngineCodeError as err:
+        raise ArchiveError(f"cannot identify the engine code of this batch job: {err}") from None
+    archived_sha = archived.get("code_sha256") if isinstance(archived, dict) else None
+    if archived_sha != running["code_sha256"]:
+        shown = archived_sha[:12] if isinstance(archived_sha, str) and HEX64.fullmatch(archived_sha) else "(none)"
+        raise ArchiveError(
+            f"{mar} carries engine code {shown}, but this batch job runs engine code {running['code_sha256'][:12]} "
+            f"(version {running['version']}): run the job from the code the archive was built with, or rebuild "
+            "the archive with `python -m model_store archive`")
+    return running

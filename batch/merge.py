@@ -259,7 +259,7 @@ def _merge_locked(out: Bucket, prefix: str, reader: RunReader, record: dict, sta
             objects[name] = stored
     run = {
         "model": {k: record.get(k) for k in ("name", "version", "kind", "archive_sha256", "archive_digest",
-                                            "weights_sha256")},
+                                            "weights_sha256", "engine")},
         "fingerprint": fingerprint,
         "code_version": manifest.code_version(),
         "arguments": summaries[0].get("arguments"),

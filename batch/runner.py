@@ -336,7 +336,7 @@ def write_model_objects(out: Bucket, prefix: str, loaded: LoadedArchive) -> None
     record_key = join(prefix, manifest.MODEL_RECORD)
     record = {"name": engine.bundle.name, "version": engine.bundle.version, "kind": engine.kind,
               "archive_sha256": loaded.sha256, "archive_digest": loaded.archive_digest,
-              "weights_sha256": engine.bundle.card.get("weights_sha256")}
+              "weights_sha256": engine.bundle.card.get("weights_sha256"), "engine": loaded.engine_record}
     existing = out.get_or_none(record_key)
     if existing is not None:
         old = json.loads(existing)
@@ -414,7 +414,7 @@ def run_batch(options: RunOptions) -> ShardResult:
                    "started": started_wall, "ended": manifest.now(), "seconds": round(result.seconds, 3),
                    "items_per_second": round(result.items_per_second, 3), "arguments": options.arguments(),
                    "archive_sha256": loaded.sha256, "archive_digest": loaded.archive_digest,
-                   "fingerprint": fingerprint,
+                   "engine": loaded.engine_record, "fingerprint": fingerprint,
                    "code_version": manifest.code_version(), "truth": truth_origin, "source_items": len(items)}
         try:
             write_summary(out, summary_key, summary, changed=bool(todo))

@@ -220,9 +220,12 @@ class TorchServeServer:
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "config.properties"
         config_path.write_text("".join(f"{k}={v}\n" for k, v in self.config().items()))
-        env = {**os.environ, "TMPDIR": str(self.workdir / "tmp"), "TEMP": str(self.workdir / "tmp"),
-               "LOG_LOCATION": str(self.workdir / "logs"), "METRICS_LOCATION": str(self.workdir / "logs"),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        # No PYTHONPATH: TorchServe puts it *before* the unpacked archive on its workers' path, so the
+        # repository there would shadow the engine code the .mar carries (the worker's path is
+        # $PYTHONPATH : model dir : cwd, see docs/deploy.md); the archive alone must be enough.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update({"TMPDIR": str(self.workdir / "tmp"), "TEMP": str(self.workdir / "tmp"),
+                    "LOG_LOCATION": str(self.workdir / "logs"), "METRICS_LOCATION": str(self.workdir / "logs")})
         torchserve = Path(sys.executable).with_name("torchserve")
         cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(config_path),
                "--model-store", str(self.model_store)]

@@ -18,6 +18,7 @@ import torch
 from medxplain_contract.errors import InputError, as_row_error
 from medxplain_engine.budget import Budget
 from medxplain_engine.engine import Engine, EngineRequest
+from medxplain_engine.version import engine_record
 
 log = logging.getLogger(__name__)
 PAYLOAD_FIELDS = ("data", "file", "image", "volume", "body")
@@ -119,7 +120,7 @@ class EngineHandler:
         self.budget = Budget.from_settings(settings, int(config.get("batchSize", 1)), online=True, unit=unit)
         self.engine.budget = self.budget
         self.initialized = True
-        log.info("loaded %s; budget %s", self.engine.model_info(), self.budget)
+        log.info("loaded %s; engine %s; budget %s", self.engine.model_info(), engine_record(), self.budget)
 
     def handle(self, data: list[dict], context) -> list:
         """One answer per row, whatever any row holds: nothing a row sends may escape as a batch-wide 503."""
@@ -149,7 +150,9 @@ class EngineHandler:
     def _results(self, data: list[dict], context) -> list[dict | InputError]:
         assert self.engine is not None
         if _is_describe(context):  # management API: GET /models/{name}?customized=true
-            return [self.engine.describe()]
+            described = self.engine.describe()
+            described["model"].setdefault("engine", engine_record())  # the code this worker imported (the .mar's)
+            return [described]
         requests: list[EngineRequest | InputError] = []
         for i, row in enumerate(data):
             try:

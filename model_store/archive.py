@@ -1,9 +1,12 @@
 """Pack a model bundle into a TorchServe ``.mar`` with ``torch-model-archiver``.
 
 The archive holds the bundle's files (weights as a state dict, model.json, model card, unit labels,
-MRI normalisation volumes, brain mask and atlas), the per-model ``model-config.yaml`` and a
-one-line handler entry module; the engine itself is installed in the serving environment, so a
-``.mar`` stays small and every server and batch job runs the same engine code.
+MRI normalisation volumes, brain mask and atlas), the per-model ``model-config.yaml``, a one-line
+handler entry module and the engine code it runs: the packages of
+:data:`medxplain_engine.version.ENGINE_PACKAGES` (contract, models, engine) and the TorchServe adapter
+at the archive's root, plus ``engine.json`` (the engine's version and code digest). TorchServe puts the
+unpacked archive on the worker's ``PYTHONPATH``, so a server needs only the third-party packages
+(``requirements/serve.txt``) and the archive digest identifies all the code that drew a heatmap.
 
 Next to each archive go ``<name>.mar.sha256`` (and ``.sha256.sig`` with a signing key, see
 :mod:`medxplain_contract.integrity`): every loader refuses an archive that does not match them.
@@ -16,14 +19,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from medxplain_contract.integrity import signing_key, write_digest
+from medxplain_engine.version import contents_sha256, is_engine_member, loaded_code_files, record_of
 from medxplain_models.bundle import MODEL_CARD, MODEL_JSON, WEIGHTS, mar_digest
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 HANDLER_DIR = Path(__file__).resolve().parents[1] / "handlers"
 HANDLER_ENTRY = {"ddsm": HANDLER_DIR / "ddsm_handler.py", "adni": HANDLER_DIR / "adni_handler.py"}
+ADAPTER_FILES = ("handlers/__init__.py", "handlers/torchserve_adapter.py")  # what the entry modules import
+ENGINE_JSON = "engine.json"
 
 
 class ArchiveError(RuntimeError):
@@ -58,6 +65,27 @@ def check_unit_labels(path: Path, include_demo_answers: bool = False) -> dict:
     return labels
 
 
+def stage_engine_code(folder: Path) -> dict:
+    """Copy the engine code this process imports and the TorchServe adapter into ``folder``; return the
+    engine record (the adapter is not engine code: the archive digest covers it)."""
+    files = loaded_code_files()
+    for rel, path in [*files.items(), *((rel, HANDLER_DIR.parent / rel) for rel in ADAPTER_FILES)]:
+        target = folder / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return record_of({rel: folder / rel for rel in files})
+
+
+def check_carried_code(mar: Path, engine: dict) -> None:
+    """The archive's engine files hash to its engine.json (the archiver skips hidden folders, for one)."""
+    with zipfile.ZipFile(mar) as zf:
+        carried = {n: zf.read(n) for n in zf.namelist() if is_engine_member(n)}
+        recorded = json.loads(zf.read(ENGINE_JSON))
+        missing = [rel for rel in ADAPTER_FILES if rel not in zf.namelist()]
+    if recorded != engine or contents_sha256(carried) != engine["code_sha256"] or missing:
+        raise ArchiveError(f"{mar}: the engine code it carries does not match its {ENGINE_JSON}")
+
+
 def build_archive(bundle_dir: Path, export_dir: Path, model_name: str | None = None,
                   unit_labels: Path | None = None, include_demo_answers: bool = False) -> Path:
     """Build ``{name}.mar`` from a bundle directory and return its path.
@@ -81,6 +109,10 @@ def build_archive(bundle_dir: Path, export_dir: Path, model_name: str | None = N
             source = unit_labels if (unit_labels and path.name == "unit_labels.json") else path
             shutil.copyfile(source, target)
             extra.append(str(target))
+        engine = stage_engine_code(staging / "code")
+        extra.append(str(staging / "code"))  # a folder: torch-model-archiver copies its children to the root
+        (staging / ENGINE_JSON).write_text(json.dumps(engine, indent=2) + "\n")
+        extra.append(str(staging / ENGINE_JSON))
         cmd = [str(Path(sys.executable).with_name("torch-model-archiver")),
                "--model-name", name, "--version", version,
                "--serialized-file", str(bundle_dir / WEIGHTS),
@@ -92,9 +124,10 @@ def build_archive(bundle_dir: Path, export_dir: Path, model_name: str | None = N
         if result.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed:\n{result.stdout}\n{result.stderr}")
     mar = export_dir / f"{name}.mar"
+    check_carried_code(mar, engine)
     card = json.loads((bundle_dir / MODEL_CARD).read_text())
     (export_dir / f"{name}.mar.json").write_text(json.dumps(
         {"model": name, "version": version, "kind": kind, "archive_digest": mar_digest(mar),
-         "weights_sha256": card.get("weights_sha256")}, indent=2) + "\n")
+         "weights_sha256": card.get("weights_sha256"), "engine": engine}, indent=2) + "\n")
     write_digest(mar, signing_key())
     return mar

@@ -142,3 +142,59 @@ def test_batch_job_refuses_a_tampered_archive(model_store, minio_server, tmp_pat
                  "--output", "s3://integrity-test/runs/x", "--s3-env", str(env_file(minio_server, tmp_path / "m.env"))])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "does not match" in err and err.count("\n") == 0 and "Traceback" not in err
+
+
+def _rewrite_without(mar: Path, member: str) -> None:
+    """The archive minus one member, with a fresh (unsigned) digest: an intact archive of an older layout."""
+    import zipfile
+
+    data = {}
+    with zipfile.ZipFile(mar) as zf:
+        for info in zf.infolist():
+            if info.filename != member:
+                data[info.filename] = zf.read(info)
+    with zipfile.ZipFile(mar, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, body in data.items():
+            zf.writestr(name, body)
+    write_digest(mar, None)
+
+
+def test_batch_job_refuses_an_archive_of_other_engine_code(ddsm_bundle, minio_server, tmp_path, capsys, monkeypatch):
+    """An archive built from different engine code (one comment line changed) is intact but refused, exit 2;
+    so is one without engine.json. The batch job runs its own engine, so it must be the archive's."""
+    import json
+    import zipfile
+
+    from batch.cli import main
+    from tests.batch_support import env_file
+
+    monkeypatch.delenv("MEDXAI_ARCHIVE_KEY_FILE", raising=False)
+    other = tmp_path / "other-checkout"
+    for package in ("medxplain_contract", "medxplain_models", "medxplain_engine", "handlers", "model_store"):
+        shutil.copytree(ROOT / package, other / package, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(other / "medxplain_engine" / "budget.py", "a") as f:
+        f.write("# another engine build\n")
+    env = {**os.environ, "PYTHONPATH": str(other), "TMPDIR": str(tmp_path)}
+    env.pop("MEDXAI_ARCHIVE_KEY_FILE", None)
+    built = subprocess.run([sys.executable, "-m", "model_store", "archive", "--bundle", str(ddsm_bundle[0]),
+                            "--out", str(tmp_path / "store")], cwd=other, env=env, capture_output=True, text=True,
+                           timeout=600, check=False)
+    assert built.returncode == 0, built.stderr[-2000:]
+    mar = tmp_path / "store" / "ddsm.mar"
+    verify_archive(mar)  # intact and published: only its engine code differs
+    with zipfile.ZipFile(mar) as zf:
+        assert b"# another engine build" in zf.read("medxplain_engine/budget.py")
+        archived = json.loads(zf.read("engine.json"))
+    from medxplain_engine.version import engine_record
+
+    assert archived["code_sha256"] != engine_record()["code_sha256"]
+    with pytest.raises(ArchiveError, match="carries engine code"):
+        load_archive(mar, "ddsm")
+    (tmp_path / "in").mkdir()
+    s3_env = str(env_file(minio_server, tmp_path / "m.env"))
+    for expected in ("carries engine code " + archived["code_sha256"][:12], "carries no engine.json"):
+        code = main(["run", "--model", "ddsm", "--archive", str(mar), "--input", str(tmp_path / "in"),
+                     "--output", "s3://integrity-test/runs/engine", "--s3-env", s3_env])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and expected in err and err.count("\n") == 0 and "Traceback" not in err, err
+        _rewrite_without(mar, "engine.json")

@@ -11,6 +11,7 @@ import base64
 import gzip
 import io
 import json
+import zipfile
 
 import nibabel as nib
 import numpy as np
@@ -25,6 +26,7 @@ from batch.runner import RunOptions, run_batch
 from batch.sources import SourceError, assign_ids, shard_of
 from medxplain_client import Client
 from medxplain_contract.storage import S3Config
+from medxplain_engine.version import engine_record
 from medxplain_models.bundle import mar_digest, sha256_file
 from tests.batch_support import (
     assert_no_source_names,
@@ -106,6 +108,12 @@ def test_full_run_writes_every_object_and_a_matching_manifest(ddsm_run, minio_se
                              "processed": N_DDSM, "skipped": 0}
     assert run["model"]["archive_sha256"] == sha256_file(model_store / "ddsm.mar")
     assert run["model"]["archive_digest"] == mar_digest(model_store / "ddsm.mar")
+    with zipfile.ZipFile(model_store / "ddsm.mar") as zf:
+        archived_engine = json.loads(zf.read("engine.json"))  # the job ran exactly the archive's engine code
+    assert run["model"]["engine"] == archived_engine == engine_record()
+    shard = json.loads(read(client, "batch-job", "full/shards/00000-of-00001.json"))
+    assert shard["engine"] == archived_engine
+    assert json.loads(read(client, "batch-job", "full/model/archive.json"))["engine"] == archived_engine
     assert run["code_version"] and run["arguments"]["explain"] == ["cam"] and run["failures"] == []
     assert run["truth"] == "source index images.csv" and len(run["shards"]) == 1
     listing = objects(client, "batch-job", "full")

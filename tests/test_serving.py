@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
+import psutil
 import requests
 
+from medxplain_engine.version import (
+    ENGINE_PACKAGES,
+    ENGINE_VERSION,
+    code_files,
+    contents_sha256,
+    engine_record,
+    record_of,
+)
 from medxplain_models.bundle import mar_digest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _first_test_row(data_dir, index_file: str) -> dict:
@@ -91,3 +106,46 @@ def test_describe_call_lists_the_methods_and_the_cards_quality(torchserve):
     assert all(m["description"] for m in meta["methods"].values())
     # the test archive was never evaluated with --card: no quality is claimed
     assert not any("quality" in m for m in meta["methods"].values()) and meta["quality_source"] == {}
+
+
+def _engine_json(mar) -> dict:
+    with zipfile.ZipFile(mar) as zf:
+        return json.loads(zf.read("engine.json"))
+
+
+def test_archives_carry_their_engine_code(model_store):
+    """Each .mar holds the engine packages and an engine.json that is the digest of exactly those files."""
+    for name in ("ddsm", "adni"):
+        with zipfile.ZipFile(model_store / f"{name}.mar") as zf:
+            names = set(zf.namelist())
+            carried = {n: zf.read(n) for n in names if n.split("/")[0] in ENGINE_PACKAGES and not n.endswith("/")}
+        assert {"medxplain_engine/engine.py", "medxplain_contract/encodings.py", "medxplain_models/bundle.py"} <= set(carried)
+        assert {"handlers/torchserve_adapter.py", "handlers/__init__.py", f"{name}_handler.py"} <= names  # the adapter
+        assert "handlers/ddsm_handler.py" not in names  # the entry module is the archive's handler, at its root
+        record = _engine_json(model_store / f"{name}.mar")
+        assert record == {"version": ENGINE_VERSION, "code_sha256": contents_sha256(carried)}
+        assert record == record_of(code_files(REPO))  # built from this checkout
+        assert json.loads((model_store / f"{name}.mar.json").read_text())["engine"] == record
+
+
+def test_torchserve_runs_the_archives_engine_code_without_the_repository(torchserve, model_store, tmp_path):
+    """The worker imports the engine from the unpacked .mar: the project is neither installed nor on its path,
+    and the engine record it reports is the archive's engine.json."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([sys.executable, "-c", "import medxplain_engine"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert probe.returncode != 0 and "No module named 'medxplain_engine'" in probe.stderr  # not installed
+    workers = [p for p in psutil.Process(torchserve.pid).children(recursive=True)
+               if any("model_service_worker" in part for part in p.cmdline())]
+    assert len(workers) >= 2  # one per model at least
+    for worker in workers:
+        path = [Path(p) for p in worker.environ().get("PYTHONPATH", "").split(os.pathsep) if p]
+        assert path and not any(p.resolve().is_relative_to(REPO) for p in path), path
+    for name in ("ddsm", "adni"):
+        r = requests.get(f"{torchserve.management_url}/models/{name}", params={"customized": "true"},
+                         headers=torchserve.auth_header("management"), timeout=60)
+        assert r.status_code == 200, r.text[:300]
+        meta = r.json()[0]["customizedMetadata"]
+        meta = json.loads(meta) if isinstance(meta, str) else meta
+        assert meta["model"]["engine"] == _engine_json(model_store / f"{name}.mar")
+        assert meta["model"]["engine"]["code_sha256"] == engine_record()["code_sha256"]

@@ -1,0 +1,135 @@
+"""Per-deployable dependency sets (requirements/): one pin per package, the UI and client sets without torch,
+and every image installing only its own set and copying only its own layers.
+
+The sets are resolved against the package metadata of the installed dev environment (which holds
+exactly these pins): each requirement's ``Requires-Dist`` is followed transitively, markers evaluated,
+so a set that pulled torch in through any dependency would show it. No index is needed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from tests.test_deploy import dockerfile_instructions
+
+ROOT = Path(__file__).resolve().parents[1]
+REQS = ROOT / "requirements"
+TORCH = {"torch", "torchvision", "captum", "triton"}
+
+
+def lines_of(path: Path, seen: set[Path] | None = None) -> list[str]:
+    """The requirement lines of a file and of every file it includes with ``-r`` (in order)."""
+    seen = set() if seen is None else seen
+    if path in seen:
+        return []
+    seen.add(path)
+    out = []
+    for raw in path.read_text().splitlines():
+        line = raw.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("-r"):
+            out += lines_of(path.parent / line[2:].strip(), seen)
+        else:
+            out.append(line)
+    return out
+
+
+def included_files(path: Path) -> set[Path]:
+    found = {path}
+    for raw in path.read_text().splitlines():
+        if raw.strip().startswith("-r"):
+            found |= included_files(path.parent / raw.strip()[2:].strip())
+    return found
+
+
+def closure(path: Path) -> set[str]:
+    """Every distribution a set installs: its requirements and, transitively, theirs (from installed metadata)."""
+    todo = [Requirement(line) for line in lines_of(path)]
+    for req in todo:  # the dev environment must hold the pinned versions, or its metadata would not apply
+        version = importlib.metadata.version(req.name)
+        assert req.specifier.contains(version, prereleases=True), f"{req} pinned, {version} installed"
+    found: set[str] = set()
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if name in found or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        found.add(name)
+        for dep in importlib.metadata.requires(req.name) or []:
+            todo.append(Requirement(dep))
+    return found
+
+
+def is_torch(name: str) -> bool:
+    return name in TORCH or name.startswith("nvidia-")
+
+
+def test_each_package_is_pinned_once_and_dev_installs_every_set():
+    names: dict[str, Path] = {}
+    for path in sorted(REQS.glob("*.txt")):
+        for line in lines_of(path, {p for p in REQS.glob("*.txt") if p != path}):
+            name = canonicalize_name(Requirement(line).name)
+            assert name not in names, f"{name} is pinned in {names.get(name)} and in {path}"
+            names[name] = path
+    assert included_files(REQS / "dev.txt") == set(REQS.glob("*.txt"))  # `make setup` installs everything
+
+
+@pytest.mark.parametrize("name", ["ui", "client", "contract"])
+def test_torch_free_sets_resolve_without_torch(name):
+    installed = closure(REQS / f"{name}.txt")
+    assert {"numpy", "minio", "pydicom"} <= installed  # the resolver really walked the set
+    assert not {n for n in installed if is_torch(n)}, sorted(n for n in installed if is_torch(n))
+
+
+def test_engine_sets_do_pull_torch():
+    """The check above can fail: the same resolver finds torch (and CUDA wheels, on Linux) in serve and batch."""
+    for name in ("serve", "batch"):
+        installed = closure(REQS / f"{name}.txt")
+        assert {"torch", "torchvision", "captum"} <= installed
+    assert "streamlit" not in closure(REQS / "serve.txt") and "torchserve" not in closure(REQS / "ui.txt")
+
+
+IMAGES = {  # image -> (the set it installs, the project packages it copies)
+    "serve": ("serve", {"medxplain_contract", "devstack"}),
+    "batch": ("batch", {"medxplain_contract", "medxplain_models", "medxplain_engine", "batch"}),
+    "ui": ("ui", {"medxplain_contract", "medxplain_client", "ui"}),
+}
+PACKAGES = {"medxplain_contract", "medxplain_models", "medxplain_engine", "medxplain_client", "handlers",
+            "model_store", "batch", "devstack", "ui"}
+
+
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_each_image_installs_only_its_set_and_its_layers(image):
+    req_set, packages = IMAGES[image]
+    dockerfile = ROOT / "docker" / image / "Dockerfile"
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    installed = set(re.findall(r"pip install [^&\n]*?-r (requirements/\S+)", text))
+    assert installed == {f"requirements/{req_set}.txt"}, installed
+    copied: set[str] = set()
+    for line in text.splitlines():  # every stage: what the build copies is what the image can hold
+        word, _, rest = line.strip().partition(" ")
+        if word.upper() == "COPY" and "--from=" not in rest:
+            copied |= set([p for p in rest.split() if not p.startswith("--")][:-1])  # sources, not the destination
+    needed = {str(p.relative_to(ROOT)) for p in included_files(REQS / f"{req_set}.txt")}
+    assert needed <= copied, f"{image}: -r files not copied: {needed - copied}"
+    assert not {c for c in copied if c.startswith("requirements/")} - needed  # no other set's file
+    project = {c.split("/")[0] for c in copied} & PACKAGES
+    assert project == packages, project
+    final = dockerfile_instructions(dockerfile)
+    assert final  # the final stage exists and parses
+    ignore = (ROOT / "docker" / image / "Dockerfile.dockerignore").read_text()
+    assert not {p for p in PACKAGES - packages if f"!{p}/" in ignore}  # other layers never enter the context
+
+
+def test_ui_image_has_no_torch():
+    text = (ROOT / "docker" / "ui" / "Dockerfile").read_text()
+    instructions = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in instructions if "torch" in line.lower()]  # no torch index, no torch wheel
+    assert not {n for n in closure(REQS / "ui.txt") if is_torch(n)}
