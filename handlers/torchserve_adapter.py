@@ -150,9 +150,7 @@ class EngineHandler:
     def _results(self, data: list[dict], context) -> list[dict | InputError]:
         assert self.engine is not None
         if _is_describe(context):  # management API: GET /models/{name}?customized=true
-            described = self.engine.describe()
-            described["model"].setdefault("engine", engine_record())  # the code this worker imported (the .mar's)
-            return [described]
+            return [self.engine.describe()]
         requests: list[EngineRequest | InputError] = []
         for i, row in enumerate(data):
             try:

@@ -149,6 +149,7 @@ class Engine(ABC):
             if isinstance(module, nn.ReLU):
                 module.inplace = False
         self.archive_digest = archive_digest
+        self.engine_record = engine_record()  # hashed at load: the code this process imported
         self.budget = Budget()  # batch defaults; the online adapter installs the serving budget
 
     @staticmethod
@@ -167,7 +168,7 @@ class Engine(ABC):
     def model_info(self) -> dict:
         """``model`` of every response: the archive digest identifies weights, configuration and engine code."""
         return {"name": self.bundle.name, "version": self.bundle.version, "archive_digest": self.archive_digest,
-                "weights_sha256": self.bundle.card.get("weights_sha256"), "engine": engine_record()}
+                "weights_sha256": self.bundle.card.get("weights_sha256"), "engine": dict(self.engine_record)}
 
     def describe_methods(self) -> dict:
         """Each method's description, cost class and, when the model card has one, its measured quality:

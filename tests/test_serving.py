@@ -57,10 +57,11 @@ def test_ddsm_prediction_over_rest(torchserve, ddsm_data, model_store):
     assert abs(sum(probs.values()) - 1) < 1e-4
     assert body["model"]["name"] == "ddsm"
     assert body["model"]["archive_digest"] == mar_digest(model_store / "ddsm.mar")
+    assert body["model"]["engine"] == _engine_json(model_store / "ddsm.mar")  # the archive's code drew it
     assert body["input"]["mode"] == "full_image"
 
 
-def test_adni_prediction_over_rest(torchserve, adni_data):
+def test_adni_prediction_over_rest(torchserve, adni_data, model_store):
     row = _first_test_row(adni_data, "subjects.csv")
     r = requests.post(f"{torchserve.inference_url}/predictions/adni", data=(adni_data / row["path"]).read_bytes(),
                       headers=torchserve.auth_header(), timeout=300)
@@ -68,6 +69,7 @@ def test_adni_prediction_over_rest(torchserve, adni_data):
     body = r.json()
     assert set(body["prediction"]["probabilities"]) == {"CN", "AD"}
     assert body["input"]["resampled"] is False and body["warnings"] == []
+    assert body["model"]["engine"] == _engine_json(model_store / "adni.mar")
 
 
 def test_requests_without_or_with_a_wrong_token_are_refused(torchserve, ddsm_data):
