@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path, PurePosixPath
 
+from tests.schema_check import checked
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INDEX = {"ddsm": "images.csv", "adni": "subjects.csv"}
 
@@ -103,6 +105,7 @@ def check_complete_items(client, bucket: str, prefix: str, expected_ids: set[str
             stat = client.stat_object(bucket, f"{prefix}/items/{item}/{name}")
             assert stat.metadata.get("x-amz-meta-sha256") == digest
             contents[item][name] = data
+        checked(contents[item]["result.json"], "batch_result")  # every stored result against the contract
     return contents
 
 

@@ -133,11 +133,28 @@ def _heatmap_pass(records: list[ItemRecord], model: ModelInfo, progress: bool) -
 
 
 def _grid_affine(records: list[ItemRecord], model: ModelInfo) -> tuple[np.ndarray, str]:
-    """The template grid's affine: ModelInfo.grid_affine, else a non-resampled input's affine."""
+    """The affine of the grid the run's MRI heatmaps are on; ValueError when it is not known.
+
+    Each heatmap lies on its input's sent grid (``input.geometry.affine``, before the engine
+    recorded geometry ``input.affine``; the NIfTI object carries the same affine). All must agree, or
+    a mean over them means nothing. Records that carry no input geometry (built in memory) fall back
+    to the model record's template grid; there is no identity fallback.
+    """
+    known = [(r.item_id, a) for r in records if (a := _heatmap_affine(r)) is not None]
+    if known:
+        first_id, first = known[0]
+        for item_id, affine in known[1:]:
+            if not np.allclose(affine, first, atol=1e-4):
+                raise ValueError(f"MRI heatmaps of items {first_id} and {item_id} lie on different grids; "
+                                 "a run-level mean map needs inputs on one grid")
+        return first, "heatmap grid (the items' input affine)"
     if model.grid_affine is not None:
         return np.asarray(model.grid_affine, np.float64), "model"
-    for record in records:
-        meta = record.result.get("input", {})
-        if meta.get("affine") is not None and not meta.get("resampled", False):
-            return np.asarray(meta["affine"], np.float64), f"input affine of item {record.item_id}"
-    return np.eye(4), "identity (no affine known)"
+    raise ValueError("no affine is known for the run's MRI heatmaps (no input affine, no model grid): "
+                     "mean maps are not written without one")
+
+
+def _heatmap_affine(record: ItemRecord) -> np.ndarray | None:
+    meta = record.result.get("input") or {}
+    affine = (meta.get("geometry") or {}).get("affine") or meta.get("affine")
+    return None if affine is None else np.asarray(affine, np.float64)
