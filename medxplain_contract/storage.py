@@ -120,10 +120,15 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 
 def read_object(client, bucket: str, key: str) -> bytes:
-    """The whole object; the SDK's response must be closed and its connection released by hand."""
+    """The whole object (an SDK client, no retries: the storage-policy tests and small tools)."""
+    return read_with_headers(client, bucket, key)[0]
+
+
+def read_with_headers(client, bucket: str, key: str) -> tuple[bytes, Mapping[str, str]]:
+    """Bytes and response headers in one GET; the SDK's response must be closed and released by hand."""
     response = client.get_object(bucket, key)
     try:
-        return response.read()
+        return response.read(), response.headers
     finally:
         response.close()
         response.release_conn()
@@ -309,12 +314,8 @@ class Bucket:
     def get_versioned(self, key: str) -> Versioned | None:
         """Bytes and ETag in one request (the pair an ``If-Match`` update needs), or None if absent."""
         def fetch() -> Versioned:
-            response = self.client.get_object(self.name, key)
-            try:
-                return Versioned(response.read(), response.headers.get("etag", "").strip('"'))
-            finally:
-                response.close()
-                response.release_conn()
+            data, headers = read_with_headers(self.client, self.name, key)
+            return Versioned(data, headers.get("etag", "").strip('"'))
         try:
             return self.call(f"download of {key}", fetch)
         except S3Error as err:
@@ -339,12 +340,8 @@ class Bucket:
     def get_checked(self, key: str) -> bytes:
         """The object, verified against the ``x-amz-meta-sha256`` its write stored (same request)."""
         def fetch() -> tuple[bytes, str | None]:
-            response = self.client.get_object(self.name, key)
-            try:
-                return response.read(), response.headers.get("x-amz-meta-sha256")
-            finally:
-                response.close()
-                response.release_conn()
+            data, headers = read_with_headers(self.client, self.name, key)
+            return data, headers.get("x-amz-meta-sha256")
         data, expected = self.call(f"download of {key}", fetch)
         return verified(key, data, expected)
 

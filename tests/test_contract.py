@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import base64
 import copy
-import io
 import subprocess
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medxplain_contract.encodings import (
     MapDecodeError,
@@ -30,6 +26,7 @@ from medxplain_contract.encodings import (
 )
 from medxplain_contract.layout import RunLayout, annotation_parts, parse_shard_key
 from medxplain_contract.schema import KINDS, ValidationError, validate_response, validator
+from tests import inputs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FINITE = st.floats(-1e4, 1e4, allow_nan=False, width=32)
@@ -86,34 +83,14 @@ def test_decoders_refuse_what_they_cannot_read():
     assert map_bytes({"data": base64.b64encode(b"abc").decode()}) == b"abc"
 
 
-def _windowed_dicom(pixels: np.ndarray, slope: float, intercept: float, center: float, width: float) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientName, ds.PatientID = "MG", "DOE^JANE", "PID-1"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit, ds.PixelRepresentation = 15, 0
-    ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope, intercept, "US"
-    ds.WindowCenter, ds.WindowWidth = center, width
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def test_ui_shows_a_dicom_through_its_modality_and_voi_luts_as_the_model_saw_it():
     from medxplain_contract.decoding import decode_image
     from ui.overlay import shown_pixels, to_uint8
 
     stored = np.tile(np.linspace(0, 4000, 64), (48, 1)).astype(np.uint16)
     slope, intercept, center, width = 0.5, -200.0, 600.0, 400.0
-    raw = _windowed_dicom(stored, slope, intercept, center, width)
+    raw = inputs.dicom_bytes(stored, RescaleSlope=slope, RescaleIntercept=intercept, RescaleType="US",
+                             WindowCenter=center, WindowWidth=width)
     shown = shown_pixels(decode_image(raw).pixels)
     # DICOM PS3.3 C.11.2.1.2 linear VOI function over the rescaled values, written out independently
     value = stored * slope + intercept

@@ -19,6 +19,9 @@ from batch.analyses.quality import ExplanationScores, classification_report
 from batch.analyses.similarity import build_similarity
 from batch.analyses.units import build_units
 from batch.records import ItemRecord, ModelInfo
+from medxplain_contract.layout import RunLayout
+
+_REL = RunLayout("")  # keys relative to the run
 
 # Run-level summary of the analyses (counts, timings, what was skipped and why) for the manifest.
 SUMMARY_KEY = "analyses.json"
@@ -47,10 +50,10 @@ def build_run_outputs(records: list[ItemRecord], model: ModelInfo, *, atlas_top_
     with _timed(timings, "embeddings_similarity"):
         if records and all("embedding" in r.features for r in records):
             ids, matrix = embedding_matrix(records)
-            out["index/ids.json"] = dumps(ids)
-            out["index/embeddings.npy"] = npy_bytes(matrix)
+            out[_REL.index("ids.json")] = dumps(ids)
+            out[_REL.index("embeddings.npy")] = npy_bytes(matrix)
             truth = [truth_index(r, model) for r in records]
-            out["index/similarity.json"] = build_similarity(
+            out[_REL.index("similarity.json")] = build_similarity(
                 ids, matrix, [r.case_id for r in records], [None if t is None else names[t] for t in truth],
                 [names[r.predicted] for r in records], k=neighbours)
             summary["embeddings"] = {"items": len(ids), "dim": int(matrix.shape[1]), "neighbours": neighbours,
@@ -75,7 +78,7 @@ def build_run_outputs(records: list[ItemRecord], model: ModelInfo, *, atlas_top_
             affine, source = _grid_affine(records, model)
             objects, mri_summary = mean_maps.objects(affine, source)
             out.update(objects)
-            out["mri/summary.json"] = dumps(mri_summary)
+            out[_REL.mri("summary.json")] = dumps(mri_summary)
             summary["mri"] = {c: v["subjects"] for c, v in mri_summary["classes"].items()}
             summary["mri_affine_source"] = source
 
@@ -99,7 +102,7 @@ def build_run_outputs(records: list[ItemRecord], model: ModelInfo, *, atlas_top_
                                                  "lesion-class maximum")
             report = {"classification": classification,
                       "explanations": scores.report(), "items": len(records), "items_with_truth": len(labelled)}
-            out["report.json"] = dumps(report)
+            out[_REL.report] = dumps(report)
             summary["report"] = {"items_with_truth": len(labelled), "auc_macro": report["classification"]["auc_macro"]}
         else:
             summary["skipped"]["report"] = "no item has ground truth"
