@@ -597,7 +597,8 @@ def test_port_checker_catches_a_mismatch(rendered):
 def project_env_names() -> set[str]:
     """MEDXAI_* names the project's code reads (settings modules and CLIs)."""
     names = set()
-    for path in [*ROOT.glob("medxplain_client/*.py"), *ROOT.glob("ui/*.py"), *ROOT.glob("batch/**/*.py"),
+    for path in [*ROOT.glob("medxplain_contract/*.py"), *ROOT.glob("medxplain_client/*.py"), *ROOT.glob("ui/*.py"),
+                 *ROOT.glob("batch/**/*.py"),
                  DOCKER / "archives.py"]:
         names |= set(re.findall(r"\bMEDXAI_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
     return names
