@@ -115,16 +115,16 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=dest))  # same filesystem: moves are atomic
     try:
         fetched = []
-        for key, _ in bucket.list(store):
-            name = key[len(store):]
+        for object_key, _ in bucket.list(store):
+            name = object_key[len(store):]
             if "/" in name or not name.endswith((".mar", *SIDECARS)):
                 continue
             if wanted is not None and _model_of(name) not in wanted:
                 continue
-            expected = bucket.get_file(key, staging / name)
+            expected = bucket.get_file(object_key, staging / name)
             actual = _sha256(staging / name)
             if expected and expected != actual:
-                sys.exit(f"sha256 mismatch for s3://{bucket.name}/{key}: {actual} != {expected}")
+                sys.exit(f"sha256 mismatch for s3://{bucket.name}/{object_key}: {actual} != {expected}")
             fetched.append(name)
         archives = [n for n in fetched if n.endswith(".mar")]
         missing = (wanted or set()) - {_model_of(n) for n in archives}
