@@ -24,13 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from batch.store import Bucket, PreconditionFailed, join
+from medxplain_contract.layout import MERGE_LOCK, RunLayout
+from medxplain_contract.storage import Bucket, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS_PREFIX = "attempts/"
-WRITERS_PREFIX = "writers/"
-MERGE_LOCK = "locks/merge.json"
+__all__ = ["MERGE_LOCK", "Claim", "Writer", "heartbeat_seconds"]
 HEARTBEAT_ENV = "MEDXAI_BATCH_HEARTBEAT_SECONDS"
 STALE_BEATS = 4  # an owner whose heartbeat did not change for this many intervals is dead
 
@@ -57,7 +56,7 @@ class Writer:
     """One process writing into a run: its heartbeat, its item claims and the merge lock."""
 
     def __init__(self, out: Bucket, prefix: str, interval: float | None = None) -> None:
-        self.out, self.prefix = out, prefix
+        self.out, self.prefix, self.layout = out, prefix, RunLayout(prefix)
         self.interval = interval or heartbeat_seconds()
         self.owner = uuid.uuid4().hex[:16]
         self._stop = threading.Event()
@@ -66,14 +65,11 @@ class Writer:
         self._verdicts: dict[str, bool] = {}
         self._verdict_lock = threading.Lock()
 
-    def key(self, *parts: str) -> str:
-        return join(self.prefix, *parts)
-
     # -- heartbeat --------------------------------------------------------------------------------
 
     def _beat(self) -> None:
         self._beats += 1
-        self.out.put(self.key(WRITERS_PREFIX, f"{self.owner}.json"),
+        self.out.put(self.layout.writer(self.owner),
                      _json({"owner": self.owner, "beat": self._beats, "host": socket.gethostname()[:64],
                             "pid": os.getpid(), "interval": self.interval}), "application/json")
 
@@ -102,7 +98,7 @@ class Writer:
         self._thread.join()
         self._thread = None
         try:
-            self.out.remove(self.key(WRITERS_PREFIX, f"{self.owner}.json"))
+            self.out.remove(self.layout.writer(self.owner))
         except Exception as err:  # noqa: BLE001 - a leftover heartbeat only reads as a dead writer
             log.warning("could not remove the heartbeat: %s", err)
 
@@ -113,7 +109,7 @@ class Writer:
         with self._verdict_lock:  # one wait per owner, however many threads ask
             if not fresh and owner in self._verdicts:
                 return self._verdicts[owner]
-            key = self.key(WRITERS_PREFIX, f"{owner}.json")
+            key = self.layout.writer(owner)
             first = self.out.get_or_none(key)
             verdict = False
             if first is not None:
@@ -141,7 +137,7 @@ class Writer:
     # -- item attempts ----------------------------------------------------------------------------
 
     def attempt_key(self, item_id: str) -> str:
-        return self.key(ATTEMPTS_PREFIX, f"{item_id}.json")
+        return self.layout.attempt(item_id)
 
     def claim(self, item_id: str, max_attempts: int, tries: int = 8) -> Claim:
         """Record one more attempt at ``item_id`` before touching it, unless a live writer has it or
@@ -188,7 +184,7 @@ class Writer:
 
         A lock whose owner's heartbeat stopped is taken over with ``If-Match`` on its ETag.
         """
-        key = self.key(MERGE_LOCK)
+        key = self.layout.merge_lock
         body = _json({"owner": self.owner})
         while True:
             try:

@@ -24,8 +24,7 @@ from batch.merge import MergeError, merge_run
 from batch.pseudonyms import PseudonymError
 from batch.runner import RunOptions, UsageError, run_batch
 from batch.sources import SourceError
-from batch.store import StorageConfigError, StorageUnavailable
-from medxplain_contract.storage import S3ConfigError
+from medxplain_contract.storage import S3ConfigError, StorageConfigError, StorageUnavailable
 
 USER_ERRORS = (UsageError, ArchiveError, SourceError, S3ConfigError, StorageConfigError, MergeError,
                FingerprintMismatch, PseudonymError)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 
-from batch.store import Bucket, PreconditionFailed, join
+from medxplain_contract.layout import FINGERPRINT, RunLayout
+from medxplain_contract.storage import Bucket, PreconditionFailed
 
-FINGERPRINT = "fingerprint.json"
+__all__ = ["FINGERPRINT", "FingerprintMismatch", "check_or_record"]
 
 
 class FingerprintMismatch(ValueError):
@@ -33,7 +34,7 @@ def _short(value: object) -> str:
 def check_or_record(out: Bucket, prefix: str, options: dict) -> str:
     """Record ``options`` as the run's fingerprint, or check them against the recorded one."""
     fingerprint = digest(options)
-    key = join(prefix, FINGERPRINT)
+    key = RunLayout(prefix).fingerprint
     body = (json.dumps({"fingerprint": fingerprint, "options": options}, indent=1, sort_keys=True) + "\n").encode()
     try:
         out.put_if(key, body)

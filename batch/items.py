@@ -18,11 +18,10 @@ import numpy as np
 from PIL import Image
 
 from batch.sources import SourceItem
+from medxplain_contract.encodings import SUFFIXES as _SUFFIX
 from medxplain_contract.encodings import encode_3d
 from medxplain_engine.features import ItemFeatures
 
-COMPLETE = "_complete.json"
-_SUFFIX = {"png": ".png", "float16": ".f16", "nifti.gz": ".nii.gz"}
 _CONTENT_TYPES = {".json": "application/json", ".png": "image/png", ".npz": "application/octet-stream",
                   ".nii.gz": "application/gzip", ".f16": "application/octet-stream"}
 

@@ -1,22 +1,18 @@
-"""Names and contents of a run's bookkeeping objects: shard summaries, the model record, run.json."""
+"""Contents of a run's bookkeeping objects: shard summaries, the model record, run.json (keys: medxplain_contract.layout)."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 from datetime import UTC, datetime
 from functools import cache
 from importlib import metadata
 from pathlib import Path
 
-from batch.store import Bucket, join
+from medxplain_contract.layout import MODEL_RECORD, RUN_MANIFEST, SHARDS, RunLayout, parse_shard_key
+from medxplain_contract.storage import Bucket
 
-RUN_MANIFEST = "run.json"
-MODEL_RECORD = "model/archive.json"
-SHARDS_PREFIX = "shards/"
-ITEMS_PREFIX = "items/"
-FAILURES_PREFIX = "failures/"
-_SHARD_NAME = re.compile(r"^shards/(\d{5})-of-(\d{5})\.json$")
+__all__ = ["MODEL_RECORD", "RUN_MANIFEST", "code_version", "complete_shard_sets", "listed_ids", "now",
+           "parse_shard_key", "relative", "shard_key", "shard_keys"]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -25,12 +21,14 @@ def now() -> str:
 
 
 def shard_key(index: int, count: int) -> str:
-    return f"{SHARDS_PREFIX}{index:05d}-of-{count:05d}.json"
+    """Run-relative key of a shard summary."""
+    return RunLayout("").shard(index, count)
 
 
-def parse_shard_key(key: str) -> tuple[int, int] | None:
-    match = _SHARD_NAME.match(key)
-    return (int(match.group(1)), int(match.group(2))) if match else None
+def shard_keys(out: Bucket, prefix: str) -> list[str]:
+    """Run-relative keys of the shard summaries present."""
+    layout = RunLayout(prefix)
+    return [layout.relative(k) for k, _ in out.list(layout.folder(SHARDS))]
 
 
 @cache
@@ -60,16 +58,11 @@ def complete_shard_sets(keys: list[str]) -> list[int]:
 
 
 def relative(prefix: str, key: str) -> str:
-    return key[len(prefix) + 1:] if prefix else key
+    return RunLayout(prefix).relative(key)
 
 
 def listed_ids(out: Bucket, prefix: str, folder: str, suffix: str) -> set[str]:
     """Item ids under ``<prefix>/<folder>/`` whose key ends in ``suffix`` (complete markers, failure records)."""
-    base = join(prefix, folder) + "/"
-    ids = set()
-    for key, _ in out.list(base):
-        if key.endswith(suffix):
-            item_id = key[len(base):len(key) - len(suffix)]
-            if item_id and "/" not in item_id:
-                ids.add(item_id)
-    return ids
+    layout = RunLayout(prefix)
+    ids = (layout.listed_id(folder, key, suffix) for key, _ in out.list(layout.folder(folder)))
+    return {i for i in ids if i}

@@ -20,9 +20,9 @@ import json
 import secrets
 from dataclasses import dataclass, field
 
-from batch.store import Bucket, PreconditionFailed, join
+from medxplain_contract.layout import ITEMS, RunLayout
+from medxplain_contract.storage import Bucket, PreconditionFailed
 
-PRIVATE_SOURCES = "private/sources.json"
 ITEM_HEX = 20
 CASE_HEX = 12
 MIN_KEY_BYTES = 16
@@ -58,9 +58,9 @@ def open_pseudonyms(out: Bucket, prefix: str, external_key: bytes | None = None)
     """The run's id key: created once (``If-None-Match: *``, the first shard wins), then reused."""
     if external_key is not None and len(external_key) < MIN_KEY_BYTES:
         raise PseudonymError(f"--id-key-file: the key must hold at least {MIN_KEY_BYTES} bytes")
-    key = join(prefix, PRIVATE_SOURCES)
+    key = RunLayout(prefix).private_sources
     current = out.get_versioned(key)
-    if current is None and out.any_under(join(prefix, "items") + "/"):
+    if current is None and out.any_under(RunLayout(prefix).folder(ITEMS)):
         raise PseudonymError(f"s3://{out.name}/{prefix} holds items made before pseudonymous ids; new ids would "
                              "be mixed with them: use a new --output prefix")
     if current is None:
@@ -87,7 +87,7 @@ def open_pseudonyms(out: Bucket, prefix: str, external_key: bytes | None = None)
 
 def record_sources(out: Bucket, prefix: str, items: dict[str, str], cases: dict[str, str], attempts: int = 20) -> None:
     """Add id -> source key (and case pseudonym -> case id) entries; read-modify-write with ``If-Match``."""
-    key = join(prefix, PRIVATE_SOURCES)
+    key = RunLayout(prefix).private_sources
     for _ in range(attempts):
         current = out.get_versioned(key)
         if current is None:

@@ -33,21 +33,22 @@ from batch import faults, manifest
 from batch.archive import LoadedArchive, load_archive
 from batch.claims import Writer
 from batch.fingerprint import check_or_record
-from batch.items import COMPLETE, content_type, failure_record, item_objects, json_bytes, npz_bytes
+from batch.items import content_type, failure_record, item_objects, json_bytes, npz_bytes
 from batch.pseudonyms import open_pseudonyms, record_sources
 from batch.sources import MAX_INPUT_BYTES, Source, SourceItem, plan_items, shard_of
-from batch.store import (
+from medxplain_contract.errors import InputError
+from medxplain_contract.layout import COMPLETE, RunLayout
+from medxplain_contract.storage import (
     Bucket,
     PreconditionFailed,
     RetryPolicy,
+    S3Config,
     StorageConfigError,
     StorageUnavailable,
     describe,
-    join,
+    parse_s3_url,
     sha256_bytes,
 )
-from medxplain_contract.errors import InputError
-from medxplain_contract.storage import S3Config, parse_s3_url
 from medxplain_engine.engine import API_VERSION, EngineRequest, Prepared
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class ShardRun:
         self.bar: tqdm | None = None
 
     def key(self, *parts: str) -> str:
-        return join(self.prefix, *parts)
+        return RunLayout(self.prefix).key(*parts)
 
     # -- per item ---------------------------------------------------------------------------------
 
@@ -173,7 +174,7 @@ class ShardRun:
             return Fetched(item, error=("storage_unavailable", f"could not record the attempt: {_reason(err)}"))
         if claim.status == "held":
             return Fetched(item, held=True)
-        if claim.status == "claimed" and self.out.stat(self.key("items", item.item_id, COMPLETE)) is not None:
+        if claim.status == "claimed" and self.out.stat(RunLayout(self.prefix).complete(item.item_id)) is not None:
             # Planned as incomplete, but another writer completed it and released its claim since:
             # leave its committed objects alone (they must never be overwritten).
             self.writer.release(item.item_id)
@@ -196,17 +197,17 @@ class ShardRun:
         item = fetched.item
         try:
             objects = item_objects(self.engine.kind, item, response, features, fetched.mask)
-            digests = {name: self.out.put(self.key("items", item.item_id, name), data, content_type(name))
+            digests = {name: self.out.put(RunLayout(self.prefix).item(item.item_id, name), data, content_type(name))
                        for name, data in objects.items()}
             try:
-                self.out.put_if(self.key("items", item.item_id, COMPLETE), json_bytes(digests), "application/json")
+                self.out.put_if(RunLayout(self.prefix).complete(item.item_id), json_bytes(digests), "application/json")
             except PreconditionFailed:  # another writer committed it first; readers check its marker
                 log.warning("item %s was completed by another writer meanwhile; this copy is dropped", item.item_id)
                 self.writer.release(item.item_id)
                 self.done(processed=False)
                 return
             if item.item_id in self.previous_failures:
-                self.out.remove(self.key("failures", f"{item.item_id}.json"))
+                self.out.remove(RunLayout(self.prefix).failure(item.item_id))
             self.writer.release(item.item_id)
         except (StorageUnavailable, StorageConfigError) as err:
             self.fail(item, "storage_unavailable", str(err))
@@ -333,7 +334,7 @@ def write_summary(out: Bucket, key: str, summary: dict, changed: bool, tries: in
 def write_model_objects(out: Bucket, prefix: str, loaded: LoadedArchive) -> None:
     """model/ objects shared by all shards; refuses a prefix that already holds another model's run."""
     engine = loaded.engine
-    record_key = join(prefix, manifest.MODEL_RECORD)
+    record_key = RunLayout(prefix).model_record
     record = {"name": engine.bundle.name, "version": engine.bundle.version, "kind": engine.kind,
               "archive_sha256": loaded.sha256, "archive_digest": loaded.archive_digest,
               "weights_sha256": engine.bundle.card.get("weights_sha256"), "engine": loaded.engine_record}
@@ -344,17 +345,18 @@ def write_model_objects(out: Bucket, prefix: str, loaded: LoadedArchive) -> None
             raise UsageError(f"s3://{out.name}/{prefix} already holds a run of model {old.get('name')} "
                              f"{old.get('version')} (archive digest {str(old.get('archive_digest'))[:12]}...); "
                              "use a new --output prefix for another model version")
-    objects = {"model/model.json": (loaded.directory / "model.json").read_bytes(),
-               "model/model_card.json": (loaded.directory / "model_card.json").read_bytes()}
+    rel = RunLayout("")
+    objects = {rel.model("model.json"): (loaded.directory / "model.json").read_bytes(),
+               rel.model("model_card.json"): (loaded.directory / "model_card.json").read_bytes()}
     if (loaded.directory / "unit_labels.json").is_file():
-        objects["model/unit_labels.json"] = (loaded.directory / "unit_labels.json").read_bytes()
+        objects[rel.model("unit_labels.json")] = (loaded.directory / "unit_labels.json").read_bytes()
     if engine.kind == "ddsm":
         fc = engine.model.fc
-        objects["model/classifier.npz"] = npz_bytes({"weight": fc.weight.detach().numpy().astype(np.float32),
+        objects[rel.model("classifier.npz")] = npz_bytes({"weight": fc.weight.detach().numpy().astype(np.float32),
                                                      "bias": fc.bias.detach().numpy().astype(np.float32)})
     objects[manifest.MODEL_RECORD] = json_bytes(record)  # last: the prefix now belongs to this model
     for name, data in objects.items():
-        key = join(prefix, name)
+        key = RunLayout(prefix).key(name)
         if out.sha256_of(key) != sha256_bytes(data):
             out.put(key, data, content_type(name))
 
@@ -407,7 +409,7 @@ def run_batch(options: RunOptions) -> ShardResult:
         shard_run.run_isolated([i for i in todo if i.item_id in attempted])
         result.loop_seconds = time.perf_counter() - loop_started
         result.seconds = time.perf_counter() - started
-        summary_key = join(prefix, manifest.shard_key(options.shard, options.shards))
+        summary_key = RunLayout(prefix).shard(options.shard, options.shards)
         summary = {"shard": options.shard, "shards": options.shards, "items": result.items,
                    "processed": result.processed, "skipped": result.skipped, "held": result.held,
                    "failed": [{"id": i, "error": c} for i, c in sorted(result.failed.items())],
@@ -419,7 +421,7 @@ def run_batch(options: RunOptions) -> ShardResult:
         try:
             write_summary(out, summary_key, summary, changed=bool(todo))
             if options.merge:
-                keys = [manifest.relative(prefix, k) for k, _ in out.list(join(prefix, manifest.SHARDS_PREFIX))]
+                keys = manifest.shard_keys(out, prefix)
                 if options.shards in manifest.complete_shard_sets(keys):
                     from batch.merge import merge
 

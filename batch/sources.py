@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from batch.pseudonyms import Pseudonyms
-from batch.store import Bucket, join
-from medxplain_contract.storage import parse_s3_url
+from medxplain_contract.layout import join
+from medxplain_contract.storage import Bucket, parse_s3_url
 
 EXTENSIONS = {"ddsm": (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"), "adni": (".nii", ".nii.gz")}
 INDEX_FILES = {"ddsm": "images.csv", "adni": "subjects.csv"}

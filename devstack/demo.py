@@ -19,7 +19,8 @@ from pathlib import Path
 from devstack.stack import print_endpoints, start, start_ui
 from medxplain_client import Client
 from medxplain_client.outputs import write_outputs
-from medxplain_contract.storage import S3Config
+from medxplain_contract.layout import join
+from medxplain_contract.storage import Bucket, S3Config
 
 DEMO_BUCKET = "medxai"
 # cheap methods keep the demo short; every method is available online and via --explain
@@ -40,9 +41,8 @@ def _pick(data_dir: Path, index: str) -> tuple[Path, str]:
 
 def stage_held_out(s3: S3Config, data_dir: Path, index: str, prefix: str) -> int:
     """Upload the test split's files, masks and a test-only index under s3://medxai/<prefix>/."""
-    client = s3.client()
-    if not client.bucket_exists(DEMO_BUCKET):
-        client.make_bucket(DEMO_BUCKET)
+    bucket = Bucket(s3, DEMO_BUCKET)
+    bucket.ensure(create=True)
     with open(data_dir / index, newline="") as f:
         reader = csv.DictReader(f)
         fields, rows = reader.fieldnames or [], [r for r in reader if r["split"] == "test"]
@@ -51,11 +51,11 @@ def stage_held_out(s3: S3Config, data_dir: Path, index: str, prefix: str) -> int
     writer.writeheader()
     writer.writerows(rows)
     data = out.getvalue().encode()
-    client.put_object(DEMO_BUCKET, f"{prefix}/{index}", io.BytesIO(data), len(data), content_type="text/csv")
+    bucket.put(join(prefix, index), data, content_type="text/csv")
     for row in rows:
         for column in ("path", "mask_path"):
             if row.get(column):
-                client.fput_object(DEMO_BUCKET, f"{prefix}/{row[column]}", str(data_dir / row[column]))
+                bucket.put_file(join(prefix, row[column]), data_dir / row[column])
     return len(rows)
 
 

@@ -108,10 +108,11 @@ def apply(config, users: dict[str, Credentials], results: Iterable[str] = (RESUL
     from minio.error import MinioAdminException
 
     results, models = list(results), list(models)
-    client, admin = config.client(), admin_client(config)
+    from medxplain_contract.storage import Bucket
+
+    admin = admin_client(config)
     for bucket in results + models:
-        if not client.bucket_exists(bucket):
-            client.make_bucket(bucket)
+        Bucket(config, bucket).ensure(create=True)
     for component, creds in users.items():
         name = policy_name(component)
         admin.policy_add(name, policy=policy(component, results, models))

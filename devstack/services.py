@@ -138,8 +138,8 @@ class MinioServer:
             self.pid = None
 
     def client(self):
-        from minio import Minio
-        return Minio(self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False)
+        """The root user's SDK client, made by the contract's storage layer like every other one."""
+        return self.admin_config().client()
 
     def admin_config(self):
         """The root user's settings: for creating buckets, users and policies only (devstack/iam.py)."""

@@ -24,14 +24,10 @@ ship Python code that TorchServe runs. ``verify`` repeats the check on a local f
 from __future__ import annotations
 
 import argparse
-import hashlib
-import io
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-
-SHA_KEY = "x-amz-meta-sha256"
 
 
 def _sha256(path: Path) -> str:
@@ -40,21 +36,23 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def _storage():
-    # Imported here so `--help` works without the storage settings.
-    from medxplain_contract.storage import S3Config, parse_s3_url
+def _bucket(url_or_name: str):
+    """(Bucket, prefix) of ``s3://bucket/prefix`` or a bare bucket name, over the contract's storage layer.
 
-    return S3Config.from_env().client(), parse_s3_url
+    Imported here so `--help` works without the storage settings.
+    """
+    from medxplain_contract.storage import Bucket, S3Config, parse_s3_url
+
+    name, prefix = parse_s3_url(url_or_name) if "://" in url_or_name else (url_or_name, "")
+    return Bucket(S3Config.from_env(), name), prefix
 
 
 def cmd_buckets(args: argparse.Namespace) -> None:
-    client, _ = _storage()
-    for bucket in args.buckets:
-        if client.bucket_exists(bucket):
-            print(f"bucket {bucket}: exists")
-        else:
-            client.make_bucket(bucket)
-            print(f"bucket {bucket}: created")
+    for name in args.buckets:
+        bucket, _ = _bucket(name)
+        existed = bucket.exists_bucket()
+        bucket.ensure(create=True)
+        print(f"bucket {name}: {'exists' if existed else 'created'}")
 
 
 SIDECARS = (".mar.json", ".mar.sha256", ".mar.sha256.sig")  # written by `python -m model_store archive`
@@ -78,25 +76,22 @@ def cmd_upload(args: argparse.Namespace) -> None:
         if key:
             signatures[f"{mar.name}.sha256.sig"] = (signature(key, mar.with_name(mar.name + ".sha256").read_text())
                                                     + "\n").encode()
-    client, parse_s3_url = _storage()
-    bucket, prefix = parse_s3_url(args.dest)
+    bucket, prefix = _bucket(args.dest)
     files = archives + sorted(f for suffix in SIDECARS for f in source.glob(f"*{suffix}") if f.name not in signatures)
     uploads = [(f, f"model-store/{f.name}") for f in files]
     if args.config:
         uploads.append((Path(args.config), "config/config.properties"))
-    if not client.bucket_exists(bucket):
-        client.make_bucket(bucket)
+    bucket.ensure(create=True)
 
     def where(rel: str) -> str:
         return f"{prefix}/{rel}" if prefix else rel
 
     for path, rel in uploads:
-        client.fput_object(bucket, where(rel), str(path), metadata={"sha256": _sha256(path)})
-        print(f"uploaded s3://{bucket}/{where(rel)}")
+        bucket.put_file(where(rel), path)
+        print(f"uploaded s3://{bucket.name}/{where(rel)}")
     for name, body in signatures.items():
-        client.put_object(bucket, where(f"model-store/{name}"), io.BytesIO(body), len(body),
-                          metadata={"sha256": hashlib.sha256(body).hexdigest()})
-        print(f"signed and uploaded s3://{bucket}/{where(f'model-store/{name}')}")
+        bucket.put(where(f"model-store/{name}"), body)
+        print(f"signed and uploaded s3://{bucket.name}/{where(f'model-store/{name}')}")
 
 
 def _model_of(name: str) -> str:
@@ -112,8 +107,7 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     if key is None and digests is None:
         sys.exit("refusing to fetch archives unverified: set MEDXAI_ARCHIVE_KEY_FILE (signed digests) "
                  "or pass --digests FILE (a separately stored sha256 list)")
-    client, parse_s3_url = _storage()
-    bucket, prefix = parse_s3_url(args.source)
+    bucket, prefix = _bucket(args.source)
     store = f"{prefix}/model-store/" if prefix else "model-store/"
     wanted = {m.strip() for m in args.models.split(",") if m.strip()} if args.models else None
     dest = Path(args.dest)
@@ -121,22 +115,21 @@ def cmd_fetch(args: argparse.Namespace) -> None:
     staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=dest))  # same filesystem: moves are atomic
     try:
         fetched = []
-        for obj in client.list_objects(bucket, prefix=store):
-            name = obj.object_name[len(store):]
+        for object_key, _ in bucket.list(store):
+            name = object_key[len(store):]
             if "/" in name or not name.endswith((".mar", *SIDECARS)):
                 continue
             if wanted is not None and _model_of(name) not in wanted:
                 continue
-            client.fget_object(bucket, obj.object_name, str(staging / name))
-            expected = (client.stat_object(bucket, obj.object_name).metadata or {}).get(SHA_KEY)
+            expected = bucket.get_file(object_key, staging / name)
             actual = _sha256(staging / name)
             if expected and expected != actual:
-                sys.exit(f"sha256 mismatch for s3://{bucket}/{obj.object_name}: {actual} != {expected}")
+                sys.exit(f"sha256 mismatch for s3://{bucket.name}/{object_key}: {actual} != {expected}")
             fetched.append(name)
         archives = [n for n in fetched if n.endswith(".mar")]
         missing = (wanted or set()) - {_model_of(n) for n in archives}
         if not archives or missing:
-            sys.exit(f"no archive for {sorted(missing) or 'any model'} under s3://{bucket}/{store}")
+            sys.exit(f"no archive for {sorted(missing) or 'any model'} under s3://{bucket.name}/{store}")
         for name in archives:
             try:
                 actual = verify_archive(staging / name, key, digests)

@@ -7,15 +7,12 @@ as sent, so they keep the input scan's affine and their NIfTI value scaling.
 
 from __future__ import annotations
 
-import base64
 import copy
-import io
 import json
 import re
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from medxplain_contract.encodings import decode_2d, encode_2d, map_bytes, map_suffix
 
 
 def write_outputs(result: dict, out_dir: Path, stem: str) -> list[Path]:
@@ -35,32 +32,17 @@ def write_outputs(result: dict, out_dir: Path, stem: str) -> list[Path]:
 
 def _write_map(entry: dict, out_dir: Path, base: str) -> Path:
     """Write one encoded map and turn its entry into a pointer to the file (in place)."""
-    raw = base64.b64decode(entry.pop("data"))
-    if entry["encoding"] == "nifti.gz":
-        path = out_dir / f"{base}.nii.gz"
-        path.write_bytes(raw)
-    elif entry["encoding"] == "png":
-        path = out_dir / f"{base}.png"
-        path.write_bytes(raw)
-    elif entry["encoding"] == "float16":
-        values = np.frombuffer(raw, dtype=entry.get("dtype", "<f2")).reshape(entry["shape"]).astype(np.float32)
-        path = out_dir / f"{base}.png"
-        path.write_bytes(_grey_png(values, entry))
-    else:
-        raise ValueError(f"unknown map encoding {entry['encoding']!r}")
+    raw = map_bytes(entry)
+    entry.pop("data")
+    if entry["encoding"] == "float16":  # no viewer opens raw float16: the server's png encoding instead
+        png = encode_2d(decode_2d(entry, raw), "png")
+        entry.update(encoding="png", scale=png["scale"])
+        entry.pop("dtype", None)
+        raw = map_bytes(png)
+    path = out_dir / f"{base}{map_suffix(entry['encoding'])}"
+    path.write_bytes(raw)
     entry["file"] = path.name
     return path
-
-
-def _grey_png(values: np.ndarray, entry: dict) -> bytes:
-    """Quantise over [min, max] like the server's PNG encoding, and record that scale in the entry."""
-    lo, hi = float(values.min()), float(values.max())
-    span = hi - lo if hi > lo else 1.0
-    buf = io.BytesIO()
-    Image.fromarray(np.rint((values - lo) / span * 255).astype(np.uint8)).save(buf, format="PNG")
-    entry.update(encoding="png", scale={"min": lo, "max": hi})
-    entry.pop("dtype", None)
-    return buf.getvalue()
 
 
 def _safe(name: str) -> str:

@@ -11,6 +11,9 @@ import subprocess
 import sys
 from pathlib import Path, PurePosixPath
 
+from medxplain_contract.storage import read_object
+from tests.schema_check import checked
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 INDEX = {"ddsm": "images.csv", "adni": "subjects.csv"}
 
@@ -73,13 +76,7 @@ def objects(client, bucket: str, prefix: str) -> dict[str, object]:
     return {o.object_name[len(prefix) + 1:]: o for o in client.list_objects(bucket, prefix=prefix + "/", recursive=True)}
 
 
-def read(client, bucket: str, key: str) -> bytes:
-    response = client.get_object(bucket, key)
-    try:
-        return response.read()
-    finally:
-        response.close()
-        response.release_conn()
+read = read_object  # the contract's whole-object read (tests call it ``read``)
 
 
 def check_complete_items(client, bucket: str, prefix: str, expected_ids: set[str]) -> dict[str, dict[str, bytes]]:
@@ -103,6 +100,7 @@ def check_complete_items(client, bucket: str, prefix: str, expected_ids: set[str
             stat = client.stat_object(bucket, f"{prefix}/items/{item}/{name}")
             assert stat.metadata.get("x-amz-meta-sha256") == digest
             contents[item][name] = data
+        checked(contents[item]["result.json"], "batch_result")  # every stored result against the contract
     return contents
 
 

@@ -26,6 +26,7 @@ import requests
 from hypothesis import strategies as st
 
 from tests import inputs
+from tests.schema_check import checked
 
 PARAM_NAMES = ["top_k", "k", "target", "explain", "unit_maps", "encoding", "occlusion_size", "occlusion_stride",
                "ig_steps"]
@@ -274,6 +275,7 @@ def check_answer(answer: Answer) -> dict:
         raise AssertionError(f"gRPC call failed: {answer.body[:300]!r}")
     body = _no_nan(answer.body)
     assert isinstance(body, dict), body
+    checked(body, "response" if answer.status == 200 else "error")  # the machine-readable contract
     if answer.status == 200:
         assert "prediction" in body, list(body)
         probs = body["prediction"]["probabilities"].values()

@@ -47,7 +47,8 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def dicom_bytes(array: np.ndarray | None, photometric: str = "MONOCHROME2",
-                patient_name: str = "DOE^JANE", patient_id: str = "PID-123456") -> bytes:
+                patient_name: str = "DOE^JANE", patient_id: str = "PID-123456", **attributes) -> bytes:
+    """A single-frame 16-bit DICOM; ``attributes`` adds elements by keyword (RescaleSlope=..., WindowCenter=...)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -62,6 +63,8 @@ def dicom_bytes(array: np.ndarray | None, photometric: str = "MONOCHROME2",
         ds.BitsAllocated = ds.BitsStored = 16
         ds.HighBit, ds.PixelRepresentation = 15, 0
         ds.PixelData = array.astype(np.uint16).tobytes()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

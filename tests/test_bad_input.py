@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from tests import hostile, inputs
+from tests.schema_check import checked
 
 RNG = np.random.default_rng(3)
 IMG8 = (RNG.random((300, 260)) * 255).astype(np.uint8)
@@ -98,6 +99,7 @@ def test_ddsm_bad_input(torchserve, case):
     _checked_4xx(_post(torchserve, "ddsm", **kwargs))
     ok = _post(torchserve, "ddsm", body=PATCH)
     assert ok.status_code == 200, ok.text[:300]
+    checked(ok, "response")
 
 
 def test_messages_never_echo_the_input(torchserve):
@@ -191,6 +193,8 @@ def test_adni_bad_input(torchserve, adni_data):
         ok = _post(torchserve, "adni", body=valid)
         if ok.status_code != 200:
             failures.append((f"valid after {name}", ok.status_code, ok.text[:200]))
+        else:
+            checked(ok, "response")
     assert not failures, failures
 
 
@@ -211,4 +215,4 @@ def test_adni_huge_occlusion_window_names_a_stride_that_fits(torchserve, adni_da
 def test_json_body_with_base64_is_accepted(torchserve):
     r = _post(torchserve, "ddsm", json_body={"data": base64.b64encode(PATCH).decode(), "top_k": 2})
     assert r.status_code == 200, r.text[:300]
-    assert len(r.json()["units"]) == 2
+    assert len(checked(r, "response")["units"]) == 2

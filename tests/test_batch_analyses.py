@@ -381,3 +381,33 @@ def test_adni_run_from_real_engine(adni_bundle, adni_data):
     assert report["explanations"]["methods"]["gradcam"]["items"] == sum(bool(it["mask"].any()) for it in items)
     assert "units" in json.loads(out[SUMMARY_KEY])["skipped"]
     assert np.asarray(load_npy(out["index/embeddings.npy"])).shape == (4, engine.model.num_units)
+
+
+def test_mri_mean_maps_take_the_heatmaps_grid_and_never_an_identity():
+    rng = np.random.default_rng(5)
+    shape = (4, 5, 3)
+    sent = np.diag([2.0, 2.0, 2.0, 1.0])
+    sent[:3, 3] = [-4, -5, -3]
+
+    def records(affines):
+        out = []
+        for i, affine in enumerate(affines):
+            hm = {"gradcam": rng.random(shape).astype(np.float32)}
+            record = _record(f"s{i}", f"p{i}", i % 2, i % 2, {"embedding": _unit(rng.normal(size=4))},
+                             heatmaps=hm, names=ADNI_CLASSES)
+            if affine is not None:
+                record.result["input"] = {"format": "nifti", "shape": list(shape), "resampled": True,
+                                          "affine": affine.tolist()}
+            out.append(record)
+        return out
+
+    model = ModelInfo("adni", "adni", "1.0", ADNI_CLASSES, grid_affine=np.diag([1.0, 1.0, 1.0, 1.0]) * 3)
+    out = build_run_outputs(records([sent, sent]), model)
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(out["mri/mean_CN_gradcam.nii.gz"]))
+    np.testing.assert_allclose(image.affine, sent)  # the heatmaps' grid, not the model record's
+    shifted = sent.copy()
+    shifted[0, 3] += 10
+    with pytest.raises(ValueError, match="different grids"):
+        build_run_outputs(records([sent, shifted]), model)
+    with pytest.raises(ValueError, match="no affine is known"):
+        build_run_outputs(records([None, None]), ModelInfo("adni", "adni", "1.0", ADNI_CLASSES))

@@ -22,9 +22,8 @@ from batch.claims import HEARTBEAT_ENV
 from batch.cli import main
 from batch.faults import KILL_ON_SOURCE
 from batch.merge import merge
-from batch.store import Bucket, PreconditionFailed
 from devstack.services import MinioServer
-from medxplain_contract.storage import S3Config
+from medxplain_contract.storage import Bucket, PreconditionFailed, S3Config
 from tests.batch_support import (
     REPO_ROOT,
     check_complete_items,

@@ -40,6 +40,7 @@ from tests.batch_support import (
     without_timing,
     write_index,
 )
+from tests.schema_check import checked
 
 N_DDSM = 6
 ID_KEY = b"test-id-key-0123456789abcdef"  # one key for the runs compared byte for byte
@@ -249,16 +250,16 @@ def test_batch_and_online_results_are_identical(ddsm_run, adni_data, model_store
                                                 tmp_path):
     client = minio_server.client()
     row = ddsm_run["rows"][0]
-    batch = json.loads(read(client, "batch-job", f"full/items/{item_id(row['path'])}/result.json"))
+    batch = checked(read(client, "batch-job", f"full/items/{item_id(row['path'])}/result.json"), "batch_result")
     source = ddsm_run["args"][ddsm_run["args"].index("--input") + 1]
     with Client(torchserve.inference_url, key_file=torchserve.key_file, timeout=300, retries=0) as online:
-        served = online.predict("ddsm", f"{source}/{row['path']}", top_k=8, explain="cam")
+        served = checked(online.predict("ddsm", f"{source}/{row['path']}", top_k=8, explain="cam"), "response")
         rows = subset(adni_data, "adni", 1, tmp_path)
         run_batch(RunOptions(model="adni", archive=model_store / "adni.mar", input=str(tmp_path),
                              output="s3://batch-job/online-adni", explain=("gradcam",), s3=s3, progress=False))
-        served_mri = online.predict("adni", tmp_path / rows[0]["path"], top_k=8, explain="gradcam")
+        served_mri = checked(online.predict("adni", tmp_path / rows[0]["path"], top_k=8, explain="gradcam"), "response")
     mri_id = source_ids(client, "batch-job", "online-adni")[rows[0]["path"]]
-    batch_mri = json.loads(read(client, "batch-job", f"online-adni/items/{mri_id}/result.json"))
+    batch_mri = checked(read(client, "batch-job", f"online-adni/items/{mri_id}/result.json"), "batch_result")
     for served_result, batch_result, prefix, method, suffix in (
             (served, batch, f"full/items/{item_id(row['path'])}", "cam", "png"),
             (served_mri, batch_mri, f"online-adni/items/{mri_id}", "gradcam", "nii.gz")):

@@ -15,6 +15,7 @@ from PIL import Image
 from devstack.services import free_port
 from medxplain_client import Client, ClientError, ConnectionFailed
 from medxplain_client.__main__ import main as cli
+from tests.schema_check import checked
 
 CASES = {"ddsm": ("ddsm_data", "images.csv", "cam"), "adni": ("adni_data", "subjects.csv", "gradcam")}
 
@@ -53,6 +54,8 @@ def test_rest_and_grpc_give_the_same_prediction(request, model, rest_client, grp
     path = _test_file(request, model)
     over_rest = rest_client.predict(model, path, top_k=3)
     over_grpc = grpc_client.predict(model, path.read_bytes(), top_k=3)
+    checked(over_rest, "response")
+    checked(over_grpc, "response")
     assert over_grpc["model"] == over_rest["model"]
     assert over_grpc["prediction"]["label"] == over_rest["prediction"]["label"]
     for name, p in over_rest["prediction"]["probabilities"].items():
@@ -64,7 +67,7 @@ def test_rest_and_grpc_give_the_same_prediction(request, model, rest_client, grp
 @pytest.mark.parametrize("model", ["ddsm", "adni"])
 def test_explain_over_grpc_carries_the_method_in_the_input_map(request, model, grpc_client):
     method = CASES[model][2]
-    result = grpc_client.explain(model, _test_file(request, model), methods=[method], top_k=0)
+    result = checked(grpc_client.explain(model, _test_file(request, model), methods=[method], top_k=0), "response")
     assert list(result["heatmaps"]) == [method]
     heatmap = result["heatmaps"][method]
     assert heatmap["encoding"] == ("png" if model == "ddsm" else "nifti.gz") and heatmap["data"]
@@ -89,6 +92,7 @@ def test_bad_input_over_grpc_is_a_client_error_with_the_servers_message(request,
     with pytest.raises(ClientError) as caught:
         grpc_client.explain("ddsm", _test_file(request, "ddsm"), methods="no-such-method")
     assert (caught.value.status, caught.value.error) == (400, "unknown_method")
+    checked({"code": caught.value.status, "error": caught.value.error, "message": caught.value.message}, "error")
     assert "available" in caught.value.message
     with pytest.raises(ClientError) as caught:
         grpc_client.predict("no-such-model", b"x")

@@ -20,6 +20,7 @@ import torch
 from medxplain_contract.errors import InputError
 from medxplain_engine.engine import Engine, EngineRequest, Prepared
 from tests import hostile, inputs
+from tests.schema_check import checked
 
 PATCH = inputs.patch_png(5)
 B64 = base64.b64encode(PATCH).decode()
@@ -63,6 +64,8 @@ def test_poisoned_rows_in_the_same_dynamic_batch_leave_valid_rows_at_200(torchse
             for kind, r in pool.map(fire, jobs):
                 if kind == "valid" and r.status_code != 200:
                     failures.append((kind, r.status_code, r.text[:200]))
+                elif kind == "valid":
+                    checked(r, "response")
                 if kind == "poison":
                     try:
                         hostile.check_answer(hostile.Answer(r.status_code, r.content, r.reason or ""))
@@ -93,9 +96,10 @@ def test_a_failing_batched_forward_is_retried_row_by_row(ddsm_bundle):
         results = engine.run([EngineRequest(PATCH, {"top_k": 2}), EngineRequest(poison, {"top_k": 2}),
                               EngineRequest(inputs.patch_png(6), {"top_k": 2})])
     assert isinstance(results[1], InputError) and results[1].status == 500
+    checked(results[1].to_dict(), "error")
     assert results[1].message == "the forward step failed for this input; the error was logged"
     for good in (results[0], results[2]):
-        assert isinstance(good, dict) and len(good["units"]) == 2
+        assert isinstance(good, dict) and len(checked(good, "response")["units"]) == 2
     alone = engine.run([EngineRequest(PATCH, {"top_k": 2})])[0]
     for name, p in alone["prediction"]["probabilities"].items():
         assert abs(results[0]["prediction"]["probabilities"][name] - p) < 1e-4

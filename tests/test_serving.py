@@ -22,6 +22,7 @@ from medxplain_engine.version import (
     record_of,
 )
 from medxplain_models.bundle import mar_digest
+from tests.schema_check import checked
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_ddsm_prediction_over_rest(torchserve, ddsm_data, model_store):
     r = requests.post(f"{torchserve.inference_url}/predictions/ddsm", data=(ddsm_data / row["path"]).read_bytes(),
                       headers=torchserve.auth_header(), timeout=120)
     assert r.status_code == 200, r.text
-    body = r.json()
+    body = checked(r, "response")
     probs = body["prediction"]["probabilities"]
     assert set(probs) == {"normal", "benign", "malignant"}
     assert abs(sum(probs.values()) - 1) < 1e-4
@@ -66,7 +67,7 @@ def test_adni_prediction_over_rest(torchserve, adni_data, model_store):
     r = requests.post(f"{torchserve.inference_url}/predictions/adni", data=(adni_data / row["path"]).read_bytes(),
                       headers=torchserve.auth_header(), timeout=300)
     assert r.status_code == 200, r.text
-    body = r.json()
+    body = checked(r, "response")
     assert set(body["prediction"]["probabilities"]) == {"CN", "AD"}
     assert body["input"]["resampled"] is False and body["warnings"] == []
     assert body["model"]["engine"] == _engine_json(model_store / "adni.mar")
@@ -84,9 +85,11 @@ def test_bad_input_is_a_4xx_and_the_worker_survives(torchserve, ddsm_data):
     url = f"{torchserve.inference_url}/predictions/ddsm"
     r = requests.post(url, data=b"\x89PNG\r\n\x1a\ntruncated", headers=torchserve.auth_header(), timeout=60)
     assert 400 <= r.status_code < 500
-    assert "message" in r.json()
+    assert "message" in checked(r, "error")
     good = (ddsm_data / _first_test_row(ddsm_data, "images.csv")["path"]).read_bytes()
-    assert requests.post(url, data=good, headers=torchserve.auth_header(), timeout=120).status_code == 200
+    ok = requests.post(url, data=good, headers=torchserve.auth_header(), timeout=120)
+    assert ok.status_code == 200
+    checked(ok, "response")
 
 
 def test_management_api_cannot_register_models(torchserve):
@@ -102,7 +105,7 @@ def test_describe_call_lists_the_methods_and_the_cards_quality(torchserve):
     assert r.status_code == 200, r.text[:300]
     (entry,) = r.json()
     meta = entry["customizedMetadata"]
-    meta = json.loads(meta) if isinstance(meta, str) else meta
+    meta = checked(meta, "describe")
     assert meta["api_version"] == "1" and meta["model"]["name"] == "ddsm"
     assert {"cam", "gradcam", "saliency", "guided_backprop", "integrated_gradients", "occlusion"} == set(meta["methods"])
     assert all(m["description"] for m in meta["methods"].values())

@@ -493,8 +493,9 @@ def test_no_login_and_no_demo_flag_is_an_error_page(ui_env, monkeypatch):
 
 
 def test_overlay_decodes_every_api_encoding_and_blends():
+    from medxplain_contract.encodings import decode_map as decode_map_entry
     from medxplain_contract.encodings import encode_2d, encode_3d
-    from ui.overlay import blend, decode_map_entry
+    from ui.overlay import blend
 
     values = np.linspace(-1.5, 2.5, 60 * 40, dtype=np.float32).reshape(60, 40)
     assert np.allclose(decode_map_entry(encode_2d(values, "png")), values, atol=4.0 / 255 + 1e-6)

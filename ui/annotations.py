@@ -13,7 +13,6 @@ architecture name, which silently mixed checkpoints).
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import uuid
@@ -22,9 +21,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from medxplain_contract.storage import read_object
+from medxplain_contract.layout import (
+    annotation_key,
+    annotation_parts,
+    annotation_unit_prefix,
+    annotation_version_prefix,
+)
+from medxplain_contract.storage import Bucket
 from ui import lexicon
-from ui.runs import _s3_call
+from ui.runs import UI_RETRY
 
 SCHEMA = 1
 MAX_TEXT = 2000
@@ -90,20 +95,17 @@ class Annotation:
 
 class AnnotationStore:
     def __init__(self, client, bucket: str, prefix: str) -> None:
+        self.store = Bucket.of(client, bucket, UI_RETRY)
         self.client, self.bucket, self.prefix = client, bucket, prefix.strip("/")
 
     def ensure_bucket(self) -> None:
-        if not _s3_call(f"bucket {self.bucket}", self.client.bucket_exists, self.bucket):
-            from minio.error import S3Error
-
-            try:
-                self.client.make_bucket(self.bucket)
-            except S3Error as err:  # another replica created it first
-                if err.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                    raise
+        self.store.ensure(create=True)
 
     def _unit_prefix(self, model: str, version: str, unit: int) -> str:
-        return f"{self.prefix}/{safe_id(model)}/{safe_id(version)}/unit-{int(unit):04d}/"
+        return annotation_unit_prefix(self.prefix, safe_id(model), safe_id(version), unit)
+
+    def _version_prefix(self, model: str, version: str) -> str:
+        return annotation_version_prefix(self.prefix, safe_id(model), safe_id(version))
 
     def save(self, annotation: Annotation, now: datetime | None = None) -> str:
         """Write one new object and return its key; raises ValueError for invalid answers."""
@@ -111,20 +113,16 @@ class AnnotationStore:
         now = now or datetime.now(UTC)
         ann.annotation_id = str(uuid.uuid4())
         ann.created_at = now.isoformat(timespec="microseconds").replace("+00:00", "Z")
-        key = (f"{self._unit_prefix(ann.model, ann.version_key, ann.unit)}{safe_id(ann.annotator_id)}/"
-               f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{ann.annotation_id}.json")
-        body = json.dumps(asdict(ann), indent=1, sort_keys=True).encode()
-        _s3_call(f"saving {key}", self.client.put_object, self.bucket, key, io.BytesIO(body), len(body),
-                 content_type="application/json")
+        key = annotation_key(self._unit_prefix(ann.model, ann.version_key, ann.unit), safe_id(ann.annotator_id),
+                             f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{ann.annotation_id}")
+        self.store.put(key, json.dumps(asdict(ann), indent=1, sort_keys=True).encode(), "application/json")
         return key
 
     def _read(self, key: str) -> Annotation:
-        return Annotation.from_dict(json.loads(_s3_call(key, read_object, self.client, self.bucket, key)))
+        return Annotation.from_dict(json.loads(self.store.read(key)))
 
     def _keys(self, prefix: str) -> list[str]:
-        objects = _s3_call(f"listing {prefix}", lambda: list(
-            self.client.list_objects(self.bucket, prefix=prefix, recursive=True)))
-        return sorted(o.object_name for o in objects if o.object_name.endswith(".json"))
+        return sorted(key for key, _ in self.store.list(prefix) if key.endswith(".json"))
 
     def history(self, model: str, version: str, unit: int, annotator_id: str) -> list[Annotation]:
         """Every save of one annotator for one unit, oldest first."""
@@ -138,24 +136,23 @@ class AnnotationStore:
     def progress(self, model: str, version: str) -> dict[int, set[str]]:
         """unit -> annotator ids who answered (from the listing alone, no reads)."""
         out: dict[int, set[str]] = {}
-        for key in self._keys(f"{self.prefix}/{safe_id(model)}/{safe_id(version)}/"):
-            parts = key.split("/")
-            out.setdefault(int(parts[-3].removeprefix("unit-")), set()).add(parts[-2])
+        for key in self._keys(self._version_prefix(model, version)):
+            unit, annotator = annotation_parts(key)
+            out.setdefault(unit, set()).add(annotator)
         return out
 
     def latest_all(self, model: str, version: str) -> dict[int, dict[str, Annotation]]:
         """unit -> annotator id -> that annotator's current (latest) answer."""
         newest: dict[tuple[int, str], str] = {}
-        for key in self._keys(f"{self.prefix}/{safe_id(model)}/{safe_id(version)}/"):
-            parts = key.split("/")
-            newest[(int(parts[-3].removeprefix("unit-")), parts[-2])] = key  # keys are sorted: last wins
+        for key in self._keys(self._version_prefix(model, version)):
+            newest[annotation_parts(key)] = key  # keys are sorted: last wins
         out: dict[int, dict[str, Annotation]] = {}
         for (unit, annotator), ann in zip(newest, self._read_many(list(newest.values()))):
             out.setdefault(unit, {})[annotator] = ann
         return out
 
     def count(self, model: str, version: str) -> int:
-        return len(self._keys(f"{self.prefix}/{safe_id(model)}/{safe_id(version)}/"))
+        return len(self._keys(self._version_prefix(model, version)))
 
     def _read_many(self, keys: Iterable[str]) -> list[Annotation]:
         keys = list(keys)

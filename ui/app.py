@@ -6,9 +6,7 @@ Kept thin on purpose: every page is its own script (``st.navigation`` needs a fo
 
 from __future__ import annotations
 
-import importlib
 import sys
-import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,17 +17,6 @@ import streamlit as st
 
 from ui import identity
 
-
-@st.cache_resource(show_spinner=False)
-def _warm_imports() -> threading.Thread:
-    """The similarity index class lives in the batch package, whose import pulls in torch (seconds):
-    start that import in the background once per process so the Similar page opens quickly."""
-    thread = threading.Thread(target=importlib.import_module, args=("batch.analyses.similarity",), daemon=True)
-    thread.start()
-    return thread
-
-
-_warm_imports()
 st.set_page_config(page_title="MedXplain", page_icon=":material/radiology:", layout="wide")
 st.session_state["annotator"] = identity.require_identity()
 HERE = Path(__file__).parent

@@ -13,9 +13,11 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from medxplain_contract.decoding import decode_image, decode_volume
+from medxplain_contract.similarity import SimilarityIndex
 from medxplain_contract.storage import S3Config
 from ui.annotations import AnnotationStore, version_key
-from ui.overlay import load_image, load_volume, to_uint8
+from ui.overlay import shown_pixels, to_uint8
 from ui.runs import Run, RunInfo, RunStore
 from ui.settings import UISettings
 
@@ -107,25 +109,36 @@ def result(prefix: str, item_id: str) -> dict:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def input_image(prefix: str, item_id: str) -> np.ndarray:
-    """2D items: uint8 display pixels of input.png."""
-    return to_uint8(load_image(run(prefix).input_bytes(item_id, result(prefix, item_id))))
+    """2D items: uint8 display pixels of input.png (the analysed input, in the analysed frame)."""
+    return shown_pixels(decode_image(run(prefix).input_bytes(item_id, result(prefix, item_id))).pixels)
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def mask_image(prefix: str, item_id: str, name: str) -> np.ndarray:
+def mask_image(prefix: str, item_id: str) -> np.ndarray | None:
     """The item's ground-truth lesion mask (synthetic sets), as stored by the batch job."""
-    return load_image(run(prefix).bytes(f"items/{item_id}/{name.rsplit('/', 1)[-1]}"))
+    return run(prefix).mask(item_id, result(prefix, item_id))
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def input_volume(prefix: str, item_id: str) -> np.ndarray:
-    data, _ = load_volume(run(prefix).input_bytes(item_id, result(prefix, item_id)))
-    return data
+def input_volume(prefix: str, item_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """3D items: input.nii.gz (the analysed input, on the model grid) and its affine."""
+    volume = decode_volume(run(prefix).input_bytes(item_id, result(prefix, item_id)))
+    return volume.data, volume.affine
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def heatmap(prefix: str, item_id: str, method: str) -> np.ndarray:
+    """A 2D heatmap's true values, in the sent frame."""
     return run(prefix).heatmap(item_id, method, result(prefix, item_id))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def heatmap_on_input(prefix: str, item_id: str, method: str) -> np.ndarray:
+    """A 3D heatmap resampled by the affines onto input.nii.gz's grid (it is stored on the sent grid)."""
+    from ui.geometry import place_3d
+
+    data, affine = input_volume(prefix, item_id)
+    return place_3d(run(prefix).heatmap_image(item_id, method, result(prefix, item_id)), data.shape, affine)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -145,7 +158,7 @@ def thumbnail(prefix: str, item_id: str, size: int = 192) -> bytes:
 
     res = result(prefix, item_id)
     if (res.get("input") or {}).get("format") == "nifti":
-        volume = input_volume(prefix, item_id)
+        volume, _ = input_volume(prefix, item_id)
         pixels = to_uint8(np.rot90(volume[:, :, volume.shape[2] // 2]))
     else:
         pixels = input_image(prefix, item_id)
@@ -157,20 +170,9 @@ def thumbnail(prefix: str, item_id: str, size: int = 192) -> bytes:
 
 
 @st.cache_resource(show_spinner="Loading the similarity index ...")
-def similarity_index(prefix: str):
-    """The batch job's query class over index/similarity.json (+ embeddings.npy for ad-hoc queries)."""
-    from batch.analyses.similarity import SimilarityIndex
-
-    r = run(prefix)
-    try:
-        sim = r.bytes("index/similarity.json")
-    except KeyError:
-        return None
-    try:
-        emb, ids = r.bytes("index/embeddings.npy"), r.bytes("index/ids.json")
-    except KeyError:
-        emb = ids = None
-    return SimilarityIndex.from_objects(sim, emb, ids)
+def similarity_index(prefix: str) -> SimilarityIndex | None:
+    """The contract's query class over index/similarity.json (+ embeddings.npy for ad-hoc queries)."""
+    return run(prefix).similarity()
 
 
 @st.cache_data(ttl=30, show_spinner=False)

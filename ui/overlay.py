@@ -1,13 +1,12 @@
-"""Heatmap overlays with NumPy/PIL (``st.image`` has none) and decoding of the API's map encodings.
+"""Heatmap overlays with NumPy/PIL (``st.image`` has none).
 
-Encodings (docs/api.md): ``png`` = 8-bit grey quantised over ``scale.min..max``; ``float16`` =
-little-endian float16 of ``shape``; ``nifti.gz`` = gzip NIfTI whose scaling fields give true values.
+Images, volumes and maps are decoded by the contract (``medxplain_contract.decoding`` and
+``.encodings``), the same code the model's input and the batch job go through, so the UI shows
+exactly what was analysed (DICOM modality and VOI LUTs included).
 """
 
 from __future__ import annotations
 
-import base64
-import gzip
 import io
 
 import numpy as np
@@ -40,77 +39,9 @@ def colormap(name: str) -> np.ndarray:
     return np.stack([np.interp(t, x, anchors[:, c]) for c in range(3)], axis=1).round().astype(np.uint8)
 
 
-def decode_map_bytes(raw: bytes, encoding: str, scale: dict | None = None, shape=None) -> np.ndarray:
-    """Raw object bytes (not base64) of one encoded map -> float32 array of true values."""
-    if encoding == "png":
-        q = np.asarray(Image.open(io.BytesIO(raw)), dtype=np.float32)
-        if q.ndim == 3:
-            q = q[..., 0]
-        if not scale:
-            return q / 255.0
-        lo, hi = float(scale["min"]), float(scale["max"])
-        return (lo + q / 255.0 * (hi - lo if hi > lo else 1.0)).astype(np.float32)
-    if encoding == "float16":
-        values = np.frombuffer(raw, dtype="<f2").astype(np.float32)
-        return values.reshape(shape) if shape is not None else values
-    if encoding in ("nifti.gz", "nifti"):
-        data, _ = load_volume(raw)
-        return data
-    raise DecodeError(f"unknown map encoding {encoding!r}")
-
-
-def decode_map_entry(entry: dict) -> np.ndarray:
-    """One API response map (``{"encoding", "data": base64, ...}``) -> float32 array."""
-    return decode_map_bytes(base64.b64decode(entry["data"]), entry["encoding"], entry.get("scale"), entry.get("shape"))
-
-
-def load_volume(raw: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """NIfTI bytes (gzip or not) -> (float32 data with scaling applied, affine)."""
-    import nibabel as nib
-
-    try:
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-        img = nib.Nifti1Image.from_bytes(raw)
-        data = np.asarray(img.get_fdata(dtype=np.float32))
-    except Exception as err:  # noqa: BLE001 -- nibabel raises many types for broken files
-        raise DecodeError(f"not a readable NIfTI-1 volume ({type(err).__name__})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise DecodeError(f"expected a 3D volume, got shape {data.shape}")
-    return data, img.affine
-
-
-def load_image(raw: bytes) -> np.ndarray:
-    """PNG/JPEG/TIFF/DICOM bytes -> float32 greyscale pixels (DICOM headers are not kept)."""
-    if len(raw) > 132 and raw[128:132] == b"DICM":
-        return _load_dicom(raw)
-    try:
-        img = Image.open(io.BytesIO(raw))
-        img.load()
-    except Exception as err:  # noqa: BLE001 -- decoders raise many types for broken files
-        raise DecodeError(f"not a readable image ({type(err).__name__}); expected PNG, JPEG, TIFF or DICOM") from None
-    if img.mode in ("RGB", "RGBA", "P", "LA", "CMYK"):
-        img = img.convert("L")
-    return np.asarray(img, dtype=np.float32)
-
-
-def _load_dicom(raw: bytes) -> np.ndarray:
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(io.BytesIO(raw))
-        pixels = ds.pixel_array.astype(np.float32)
-        if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-            pixels = pixels.max() - pixels
-    except Exception as err:  # noqa: BLE001 -- decoders raise many types for broken files
-        raise DecodeError(f"not a readable DICOM image ({type(err).__name__})") from None
-    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
-        pixels = pixels[..., :3].mean(axis=-1)
-    elif pixels.ndim != 2:
-        raise DecodeError(f"expected a single 2D DICOM frame, got shape {pixels.shape}")
-    return pixels
+def shown_pixels(pixels: np.ndarray) -> np.ndarray:
+    """uint8 display of the contract decoder's [0, 1] pixels: the model's own grey levels, no re-windowing."""
+    return to_uint8(pixels, 0.0, 1.0)
 
 
 def to_uint8(image: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:

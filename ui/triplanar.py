@@ -22,15 +22,6 @@ def plane(volume: np.ndarray, name: str, index: int) -> np.ndarray:
     return np.rot90(cut)
 
 
-def fit_to(heat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Resample a heatmap onto the volume's grid when they differ (nearest neighbour would block)."""
-    if heat.shape == tuple(shape):
-        return heat
-    from scipy.ndimage import zoom
-
-    return zoom(heat, [s / h for s, h in zip(shape, heat.shape)], order=1)
-
-
 def peak_index(heat: np.ndarray | None, shape: tuple[int, ...]) -> tuple[int, int, int]:
     if heat is None or not np.any(heat):
         return tuple(s // 2 for s in shape)  # type: ignore[return-value]
@@ -38,9 +29,12 @@ def peak_index(heat: np.ndarray | None, shape: tuple[int, ...]) -> tuple[int, in
 
 
 def viewer(volume: np.ndarray, heat: np.ndarray | None, alpha: float, cmap: str, key: str) -> None:
-    """Three slice sliders (starting at the heatmap's peak) and the three overlaid planes."""
-    if heat is not None:
-        heat = fit_to(heat, volume.shape)
+    """Three slice sliders (starting at the heatmap's peak) and the three overlaid planes.
+
+    ``heat`` must already be on the volume's grid (``ui.geometry.place_3d`` resamples it by the affines).
+    """
+    if heat is not None and heat.shape != volume.shape:
+        raise ValueError(f"heatmap grid {list(heat.shape)} is not the volume's {list(volume.shape)}")
     start = peak_index(heat, volume.shape)
     grey_lo, grey_hi = float(np.percentile(volume, 0.5)), float(np.percentile(volume, 99.5))
     heat_range = (float(np.min(heat)), float(np.max(heat))) if heat is not None else None

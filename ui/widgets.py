@@ -8,6 +8,9 @@ from collections.abc import Callable
 
 import streamlit as st
 
+from medxplain_contract.checksums import IntegrityError
+from medxplain_contract.encodings import MapDecodeError
+from medxplain_contract.errors import InputError
 from medxplain_contract.storage import S3ConfigError
 from ui import data
 from ui.overlay import DecodeError
@@ -26,9 +29,11 @@ def guarded(page: Callable[[], None]) -> Callable[[], None]:
             page()
         except S3ConfigError as err:
             st.error(f"Storage is not configured: {err}")
+        except IntegrityError as err:
+            st.error(f"Not shown: {err}")
         except StorageError as err:
             st.error(f"Object storage problem: {err}")
-        except DecodeError as err:
+        except (DecodeError, InputError, MapDecodeError) as err:
             st.error(f"Cannot display this file: {err}")
         except KeyError as err:
             st.error(f"An object this page needs is missing from the run: {err}")

@@ -3,7 +3,7 @@
 The job's merge step calls :func:`build_run_outputs` once all shards are complete and writes the
 returned ``{key relative to the run prefix: bytes}`` objects; nothing here touches storage, so the
 analyses are tested on records built in memory. The UI loads the similarity index back with
-:class:`SimilarityIndex`.
+:class:`medxplain_contract.similarity.SimilarityIndex`.
 """
 
 from batch.analyses.run import SUMMARY_KEY, build_run_outputs

@@ -7,6 +7,9 @@ import io
 import numpy as np
 
 from batch.records import ItemRecord
+from medxplain_contract.similarity import load_npy
+
+__all__ = ["embedding_matrix", "load_npy", "npy_bytes"]
 
 
 def embedding_matrix(records: list[ItemRecord]) -> tuple[list[str], np.ndarray]:
@@ -22,6 +25,3 @@ def npy_bytes(matrix: np.ndarray) -> bytes:
     np.save(buf, np.ascontiguousarray(matrix), allow_pickle=False)
     return buf.getvalue()
 
-
-def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)

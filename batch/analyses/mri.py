@@ -14,7 +14,10 @@ import nibabel as nib
 import numpy as np
 
 from batch.analyses.common import class_source
+from medxplain_contract.layout import RunLayout
 from medxplain_models.localisation import normalised_positive, pairwise_l2
+
+_REL = RunLayout("")  # keys relative to the run
 
 
 class MeanMaps:
@@ -67,7 +70,7 @@ class MeanMaps:
             entry: dict = {"subjects": sum(self.subjects[c].values()), "class_source": class_source(self.subjects[c]),
                            "class_source_counts": self.subjects[c], "methods": {}}
             for method in methods:
-                key = f"mri/mean_{name}_{method}.nii.gz"
+                key = _REL.mri(f"mean_{name}_{method}.nii.gz")
                 out[key] = nifti_gz(self.mean(c, method), affine)
                 entry["methods"][method] = {"subjects": self.counts[(c, method)], "mean_map": key,
                                             "regions": self.region_ranking(c, method)}

@@ -19,6 +19,9 @@ from batch.analyses.quality import ExplanationScores, classification_report
 from batch.analyses.similarity import build_similarity
 from batch.analyses.units import build_units
 from batch.records import ItemRecord, ModelInfo
+from medxplain_contract.layout import RunLayout
+
+_REL = RunLayout("")  # keys relative to the run
 
 # Run-level summary of the analyses (counts, timings, what was skipped and why) for the manifest.
 SUMMARY_KEY = "analyses.json"
@@ -47,10 +50,10 @@ def build_run_outputs(records: list[ItemRecord], model: ModelInfo, *, atlas_top_
     with _timed(timings, "embeddings_similarity"):
         if records and all("embedding" in r.features for r in records):
             ids, matrix = embedding_matrix(records)
-            out["index/ids.json"] = dumps(ids)
-            out["index/embeddings.npy"] = npy_bytes(matrix)
+            out[_REL.index("ids.json")] = dumps(ids)
+            out[_REL.index("embeddings.npy")] = npy_bytes(matrix)
             truth = [truth_index(r, model) for r in records]
-            out["index/similarity.json"] = build_similarity(
+            out[_REL.index("similarity.json")] = build_similarity(
                 ids, matrix, [r.case_id for r in records], [None if t is None else names[t] for t in truth],
                 [names[r.predicted] for r in records], k=neighbours)
             summary["embeddings"] = {"items": len(ids), "dim": int(matrix.shape[1]), "neighbours": neighbours,
@@ -75,7 +78,7 @@ def build_run_outputs(records: list[ItemRecord], model: ModelInfo, *, atlas_top_
             affine, source = _grid_affine(records, model)
             objects, mri_summary = mean_maps.objects(affine, source)
             out.update(objects)
-            out["mri/summary.json"] = dumps(mri_summary)
+            out[_REL.mri("summary.json")] = dumps(mri_summary)
             summary["mri"] = {c: v["subjects"] for c, v in mri_summary["classes"].items()}
             summary["mri_affine_source"] = source
 
@@ -99,7 +102,7 @@ def build_run_outputs(records: list[ItemRecord], model: ModelInfo, *, atlas_top_
                                                  "lesion-class maximum")
             report = {"classification": classification,
                       "explanations": scores.report(), "items": len(records), "items_with_truth": len(labelled)}
-            out["report.json"] = dumps(report)
+            out[_REL.report] = dumps(report)
             summary["report"] = {"items_with_truth": len(labelled), "auc_macro": report["classification"]["auc_macro"]}
         else:
             summary["skipped"]["report"] = "no item has ground truth"
@@ -133,11 +136,28 @@ def _heatmap_pass(records: list[ItemRecord], model: ModelInfo, progress: bool) -
 
 
 def _grid_affine(records: list[ItemRecord], model: ModelInfo) -> tuple[np.ndarray, str]:
-    """The template grid's affine: ModelInfo.grid_affine, else a non-resampled input's affine."""
+    """The affine of the grid the run's MRI heatmaps are on; ValueError when it is not known.
+
+    Each heatmap lies on its input's sent grid (``input.geometry.affine``, before the engine
+    recorded geometry ``input.affine``; the NIfTI object carries the same affine). All must agree, or
+    a mean over them means nothing. Records that carry no input geometry (built in memory) fall back
+    to the model record's template grid; there is no identity fallback.
+    """
+    known = [(r.item_id, a) for r in records if (a := _heatmap_affine(r)) is not None]
+    if known:
+        first_id, first = known[0]
+        for item_id, affine in known[1:]:
+            if not np.allclose(affine, first, atol=1e-4):
+                raise ValueError(f"MRI heatmaps of items {first_id} and {item_id} lie on different grids; "
+                                 "a run-level mean map needs inputs on one grid")
+        return first, "heatmap grid (the items' input affine)"
     if model.grid_affine is not None:
         return np.asarray(model.grid_affine, np.float64), "model"
-    for record in records:
-        meta = record.result.get("input", {})
-        if meta.get("affine") is not None and not meta.get("resampled", False):
-            return np.asarray(meta["affine"], np.float64), f"input affine of item {record.item_id}"
-    return np.eye(4), "identity (no affine known)"
+    raise ValueError("no affine is known for the run's MRI heatmaps (no input affine, no model grid): "
+                     "mean maps are not written without one")
+
+
+def _heatmap_affine(record: ItemRecord) -> np.ndarray | None:
+    meta = record.result.get("input") or {}
+    affine = (meta.get("geometry") or {}).get("affine") or meta.get("affine")
+    return None if affine is None else np.asarray(affine, np.float64)

@@ -14,7 +14,10 @@ import numpy as np
 
 from batch.analyses.common import class_source, dumps, group_class
 from batch.records import ItemRecord, ModelInfo
+from medxplain_contract.layout import RunLayout
 from medxplain_models.ddsm import PATCH_SIZE
+
+_REL = RunLayout("")  # keys relative to the run
 
 TOP_CONTRIBUTORS = 8  # DeepMiner counted each image's top-8 units per class
 SHORTLIST = 20  # ... and showed experts the 20 most frequent units per class
@@ -51,7 +54,7 @@ def unit_atlas(records: list[ItemRecord], pooled: np.ndarray, top_n: int) -> dic
             if feats.get("peak_maps") is not None:
                 entry["map"] = np.round(np.asarray(feats["peak_maps"][unit], np.float32), 4).tolist()
             entries.append(entry)
-        out[f"units/{unit:04d}.json"] = dumps({
+        out[_REL.unit(unit)] = dumps({
             "unit": unit, "ranked_by": "activation (spatial maximum of the unit's map)",
             "box": f"[y0, x0, y1, x1] in the pixels of items/<item_id>/input.png, {PATCH_SIZE} px centred "
                    "on the peak cell, clipped to the image",
@@ -108,6 +111,6 @@ def build_units(records: list[ItemRecord], model: ModelInfo, top_n: int) -> tupl
         summary["rankings"] = "skipped: ModelInfo.classifier_weight missing"
     else:
         rankings = unit_rankings(records, pooled, model)
-        out["units/rankings.json"] = dumps(rankings)
+        out[_REL.units("rankings.json")] = dumps(rankings)
         summary["rankings_class_source"] = rankings["class_source"]
     return out, summary

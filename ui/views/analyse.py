@@ -6,8 +6,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from medxplain_contract.decoding import decode_image, decode_volume
+from medxplain_contract.encodings import decode_3d, decode_map
+from medxplain_contract.errors import InputError
 from ui import data, serving
-from ui.overlay import COLORMAPS, DecodeError, blend, decode_map_entry, load_image, load_volume
+from ui.geometry import place_2d, place_3d, volume_affine
+from ui.overlay import COLORMAPS, blend, shown_pixels
 from ui.triplanar import viewer
 from ui.widgets import guarded
 
@@ -22,6 +26,17 @@ def is_volume(payload: bytes) -> bool:
     return payload[:2] == b"\x1f\x8b" or payload[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c")
 
 
+def volume_heat(response: dict, method: str | None, shown) -> np.ndarray | None:
+    """The 3D map resampled by its affine onto the sent volume (which must have the recorded affine)."""
+    if method is None:
+        return None
+    recorded = volume_affine(response["input"])
+    if not np.allclose(recorded, shown.affine, atol=1e-4):
+        st.error("The response's affine differs from the file's; the map is not shown.")
+        return None
+    return place_3d(decode_3d(response["heatmaps"][method]), shown.data.shape, shown.affine)
+
+
 def show_response(response: dict, payload: bytes) -> None:
     pred = response["prediction"]
     st.success(f"Prediction: **{pred['label']}** ({pred['probabilities'][pred['label']]:.1%}) · "
@@ -33,10 +48,10 @@ def show_response(response: dict, payload: bytes) -> None:
     method = c1.selectbox("Heatmap", methods or ["none"], key="analyse_method")
     opacity = c2.slider("Opacity", 0.0, 1.0, 0.5, 0.05, key="analyse_opacity")
     cmap = c3.selectbox("Colour map", COLORMAPS, key="analyse_cmap")
-    heat = decode_map_entry(response["heatmaps"][method]) if methods else None
     if is_volume(payload):
-        volume, _ = load_volume(payload)
-        viewer(volume, heat, opacity, cmap, key="analyse_tri")
+        volume = decode_volume(payload)
+        viewer(volume.data, volume_heat(response, method if methods else None, volume), opacity, cmap,
+               key="analyse_tri")
         regions = (response.get("regions") or {}).get(method) or []
         if regions:
             top = sorted(regions, key=lambda r: r.get("rank", 0))[:15]
@@ -45,7 +60,9 @@ def show_response(response: dict, payload: bytes) -> None:
                                       index=[r["name"] for r in top]), horizontal=True, height=420)
         image = None
     else:
-        image = load_image(payload)
+        image = shown_pixels(decode_image(payload).pixels)  # what the model analysed, in the sent frame
+        heat = place_2d(decode_map(response["heatmaps"][method]), response["input"], "sent", image.shape) \
+            if methods else None
         left, right = st.columns([3, 2])
         left.image(blend(image, heat, opacity, cmap), caption=method, width="stretch")
         with right:
@@ -62,7 +79,7 @@ def show_response(response: dict, payload: bytes) -> None:
     if image is not None and maps:
         shown = [u for u in units if str(u["unit"]) in maps][:UNIT_MAPS]
         for col, u in zip(st.columns(max(len(shown), 1)), shown):
-            values = decode_map_entry(maps[str(u["unit"])])
+            values = place_2d(decode_map(maps[str(u["unit"])]), response["input"], "sent", image.shape)
             col.image(blend(image, values, max(opacity, 0.5), cmap, heat_range=(0.0, float(np.max(values)) or 1.0)),
                       caption=f"unit {u['unit']}: {', '.join(u.get('labels') or []) or 'no label'}", width="stretch")
 
@@ -82,8 +99,8 @@ def main() -> None:
         return
     if st.button("Analyse", type="primary", key="analyse_go"):
         try:
-            (load_volume if is_volume(payload) else load_image)(payload)  # refuse unreadable files before sending
-        except DecodeError as err:
+            (decode_volume if is_volume(payload) else decode_image)(payload)  # refuse unreadable files before sending
+        except InputError as err:
             st.session_state.pop("analyse_response", None)
             st.error(f"Cannot read this file: {err}")
             return

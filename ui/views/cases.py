@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from ui import data
+from ui.geometry import place_2d
 from ui.overlay import COLORMAPS, blend, outline, paste_window
 from ui.triplanar import viewer
 from ui.widgets import guarded, run_picker
@@ -58,11 +59,11 @@ def units_table(res: dict, live: dict[int, list[str]]) -> None:
 def show_2d(prefix: str, item_id: str, res: dict) -> None:
     image = data.input_image(prefix, item_id)
     method, opacity, cmap = overlay_controls(sorted(res.get("heatmaps") or {}), "case")
-    heat = data.heatmap(prefix, item_id, method) if method else None
+    # heatmaps are in the sent frame, input.png in the analysed one: resized by the recorded sizes
+    heat = place_2d(data.heatmap(prefix, item_id, method), res["input"], "analysed", image.shape) if method else None
     shown = blend(image, heat, opacity, cmap)
-    mask_name = (res.get("item") or {}).get("mask")
-    if mask_name and st.toggle("Ground-truth lesion outline", key="case_mask"):
-        shown = outline(shown, data.mask_image(prefix, item_id, mask_name))
+    if (res.get("item") or {}).get("mask") and st.toggle("Ground-truth lesion outline", key="case_mask"):
+        shown = outline(shown, data.mask_image(prefix, item_id))
     left, right = st.columns([3, 2])
     left.image(shown, caption=f"{item_id} · {method or 'no heatmap'}", width="stretch")
     with right:
@@ -96,10 +97,10 @@ def unit_maps(prefix: str, item_id: str, res: dict, image: np.ndarray, opacity: 
 
 
 def show_3d(prefix: str, item_id: str, res: dict) -> None:
-    volume = data.input_volume(prefix, item_id)
+    volume, _ = data.input_volume(prefix, item_id)
     methods = sorted(res.get("heatmaps") or {})
     method, opacity, cmap = overlay_controls(methods, "case3d")
-    heat = data.heatmap(prefix, item_id, method) if method else None
+    heat = data.heatmap_on_input(prefix, item_id, method) if method else None
     viewer(volume, heat, opacity, cmap, key=f"tri_{item_id}")
     left, right = st.columns([2, 3])
     with left:

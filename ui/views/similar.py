@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
+from medxplain_contract.decoding import decode_image, decode_volume
 from ui import data, serving
-from ui.overlay import load_image, load_volume, to_uint8
+from ui.overlay import shown_pixels, to_uint8
 from ui.widgets import guarded, run_picker
 
 K = 20
@@ -39,10 +40,10 @@ def query_from_upload(prefix: str, index) -> list | None:
     name = model.get("name") or data.model_version_key(prefix)[0]
     try:
         if model.get("kind") == "adni":
-            volume, _ = load_volume(payload)
+            volume = decode_volume(payload).data
             shown = to_uint8(np.rot90(volume[:, :, volume.shape[2] // 2]))
         else:
-            shown = to_uint8(load_image(payload))
+            shown = shown_pixels(decode_image(payload).pixels)
     except ValueError as err:
         st.error(f"Cannot read this file: {err}")
         return None

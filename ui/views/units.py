@@ -8,10 +8,13 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from medxplain_contract.layout import RunLayout
 from ui import agreement, data, lexicon
 from ui.annotations import Annotation, Annotator
 from ui.overlay import blend, draw_box, resize
 from ui.widgets import guarded, run_picker
+
+_REL = RunLayout("")  # keys relative to the run
 
 DIM_BELOW = 0.2  # DeepMiner: map pixels under 0.2 of the top patch's maximum are dimmed
 
@@ -42,7 +45,7 @@ def full_view(image: np.ndarray, box) -> np.ndarray:
 
 
 def unit_list(prefix: str, model: str, version: str, me: Annotator | None) -> int | None:
-    rankings = data.optional_json(prefix, "units/rankings.json")
+    rankings = data.optional_json(prefix, _REL.units("rankings.json"))
     names = list((rankings or {}).get("classes", {})) or data.class_names(prefix)
     c1, c2, c3 = st.columns([1, 1, 1])
     class_name = c1.selectbox("Class", names, index=len(names) - 1, key="units_class")
@@ -73,7 +76,7 @@ def unit_list(prefix: str, model: str, version: str, me: Annotator | None) -> in
 
 
 def patches(prefix: str, unit: int) -> None:
-    atlas = data.optional_json(prefix, f"units/{unit:04d}.json")
+    atlas = data.optional_json(prefix, _REL.unit(unit))
     if not atlas or not atlas.get("patches"):
         st.info(f"No atlas entry for unit {unit} in this run.")
         return
