@@ -75,12 +75,16 @@ def build_run_outputs(records: list[ItemRecord], model: ModelInfo, *, atlas_top_
         mean_maps, scores = _heatmap_pass(records, model, progress)
     if mean_maps is not None:
         with _timed(timings, "mri"):
-            affine, source = _grid_affine(records, model)
-            objects, mri_summary = mean_maps.objects(affine, source)
-            out.update(objects)
-            out[_REL.mri("summary.json")] = dumps(mri_summary)
-            summary["mri"] = {c: v["subjects"] for c, v in mri_summary["classes"].items()}
-            summary["mri_affine_source"] = source
+            try:
+                affine, source = _grid_affine(records, model)
+            except ValueError as err:  # inputs on several grids, or none known: no mean map rather than a wrong one
+                summary["skipped"]["mri"] = str(err)
+            else:
+                objects, mri_summary = mean_maps.objects(affine, source)
+                out.update(objects)
+                out[_REL.mri("summary.json")] = dumps(mri_summary)
+                summary["mri"] = {c: v["subjects"] for c, v in mri_summary["classes"].items()}
+                summary["mri_affine_source"] = source
 
     with _timed(timings, "report"):
         labelled = [(r, truth_index(r, model)) for r in records]
