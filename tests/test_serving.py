@@ -47,30 +47,31 @@ def test_archives_carry_everything_the_handler_needs(model_store):
     assert sidecar["archive_digest"] == mar_digest(model_store / "ddsm.mar")
 
 
-def test_ddsm_prediction_over_rest(torchserve, ddsm_data, model_store):
-    row = _first_test_row(ddsm_data, "images.csv")
-    r = requests.post(f"{torchserve.inference_url}/predictions/ddsm", data=(ddsm_data / row["path"]).read_bytes(),
-                      headers=torchserve.auth_header(), timeout=120)
+def _predict_first_test_item(torchserve, model_store, name: str, data_dir, index_file: str) -> dict:
+    """POST the split's first test input; the body is schema-checked and names the archive's engine code."""
+    row = _first_test_row(data_dir, index_file)
+    r = requests.post(f"{torchserve.inference_url}/predictions/{name}", data=(data_dir / row["path"]).read_bytes(),
+                      headers=torchserve.auth_header(), timeout=300)
     assert r.status_code == 200, r.text
     body = checked(r, "response")
+    assert body["model"]["name"] == name
+    assert body["model"]["archive_digest"] == mar_digest(model_store / f"{name}.mar")
+    assert body["model"]["engine"] == _engine_json(model_store / f"{name}.mar")  # the archive's code drew it
+    return body
+
+
+def test_ddsm_prediction_over_rest(torchserve, ddsm_data, model_store):
+    body = _predict_first_test_item(torchserve, model_store, "ddsm", ddsm_data, "images.csv")
     probs = body["prediction"]["probabilities"]
     assert set(probs) == {"normal", "benign", "malignant"}
     assert abs(sum(probs.values()) - 1) < 1e-4
-    assert body["model"]["name"] == "ddsm"
-    assert body["model"]["archive_digest"] == mar_digest(model_store / "ddsm.mar")
-    assert body["model"]["engine"] == _engine_json(model_store / "ddsm.mar")  # the archive's code drew it
     assert body["input"]["mode"] == "full_image"
 
 
 def test_adni_prediction_over_rest(torchserve, adni_data, model_store):
-    row = _first_test_row(adni_data, "subjects.csv")
-    r = requests.post(f"{torchserve.inference_url}/predictions/adni", data=(adni_data / row["path"]).read_bytes(),
-                      headers=torchserve.auth_header(), timeout=300)
-    assert r.status_code == 200, r.text
-    body = checked(r, "response")
+    body = _predict_first_test_item(torchserve, model_store, "adni", adni_data, "subjects.csv")
     assert set(body["prediction"]["probabilities"]) == {"CN", "AD"}
     assert body["input"]["resampled"] is False and body["warnings"] == []
-    assert body["model"]["engine"] == _engine_json(model_store / "adni.mar")
 
 
 def test_requests_without_or_with_a_wrong_token_are_refused(torchserve, ddsm_data):
