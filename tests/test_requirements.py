@@ -133,3 +133,62 @@ def test_ui_image_has_no_torch():
     instructions = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     assert not [line for line in instructions if "torch" in line.lower()]  # no torch index, no torch wheel
     assert not {n for n in closure(REQS / "ui.txt") if is_torch(n)}
+
+
+# --- every import of a deployable's code is installed by its own set ------------------------------------
+
+PROJECT = {"ui", "medxplain_client", "medxplain_contract", "medxplain_models", "medxplain_engine", "handlers",
+           "batch", "model_store", "devstack", "tests", "docker"}
+CODE_OF_SET = {"contract": ("medxplain_contract",), "client": ("medxplain_client", "medxplain_contract"),
+               "ui": ("ui", "medxplain_client", "medxplain_contract"),
+               "serve": ("handlers", "medxplain_engine", "medxplain_models", "medxplain_contract"),
+               "batch": ("batch", "medxplain_engine", "medxplain_models", "medxplain_contract")}
+# Imported only where their own set is installed: the client's gRPC stubs are generated at setup (grpcio-tools
+# is a build tool), and the stub generator is not run inside the images that lack it.
+OPTIONAL = {("client", "grpc_tools"), ("ui", "grpc_tools")}
+
+
+def third_party_imports(package: str) -> dict[str, str]:
+    """{top-level module: first file importing it} for every import (lazy ones included) of a package's code."""
+    import ast
+    import sys
+
+    found: dict[str, str] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        if "_generated" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in PROJECT:
+                    found.setdefault(top, str(path.relative_to(ROOT)))
+    return found
+
+
+def missing_imports(set_name: str, packages: tuple[str, ...]) -> dict[str, str]:
+    """{module: file} of the packages' imports that requirements/<set_name>.txt does not install."""
+    provided = importlib.metadata.packages_distributions()
+    installed = closure(REQS / f"{set_name}.txt")
+    missing = {}
+    for package in packages:
+        for module, where in third_party_imports(package).items():
+            dists = {canonicalize_name(d) for d in provided.get(module, [])}
+            if not dists & installed and (set_name, module) not in OPTIONAL:
+                missing[module] = where
+    return missing
+
+
+@pytest.mark.parametrize("name", sorted(CODE_OF_SET))
+def test_every_import_is_installed_by_the_deployables_own_set(name):
+    """A module the UI (or client, batch, serve) imports must come from its own requirement set: the torch-free
+    test runs in the full dev environment, so only this check finds a package that the UI image would lack."""
+    missing = missing_imports(name, CODE_OF_SET[name])
+    assert not missing, f"requirements/{name}.txt does not install: {missing}"
+
+
+def test_the_import_check_reports_a_package_the_set_lacks():
+    """The check can fail: the UI's code against the contract's set lacks streamlit (and the engine's torch)."""
+    assert "streamlit" in missing_imports("contract", ("ui",))
+    assert "torch" in missing_imports("ui", ("medxplain_engine",))
