@@ -154,11 +154,13 @@ def test_run_layout_spells_every_key_once():
 
 def _response() -> dict:
     return {"api_version": "1",
-            "model": {"name": "ddsm", "version": "1.0", "archive_digest": "a" * 64, "weights_sha256": "b" * 64},
+            "model": {"name": "ddsm", "version": "1.0", "archive_digest": "a" * 64, "weights_sha256": "b" * 64,
+                      "engine": {"version": "0.2.0", "code_sha256": "c" * 64}},
             "prediction": {"label": "benign", "label_index": 1,
                            "probabilities": {"normal": 0.2, "benign": 0.7, "malignant": 0.1}},
             "target": {"label": "benign", "index": 1},
-            "input": {"format": "png", "bits": 8, "height": 227, "width": 227, "mode": "patch"},
+            "input": {"format": "png", "bits": 8, "height": 227, "width": 227, "mode": "patch",
+                      "geometry": {"frame": "sent", "size": [227, 227], "analysed_size": [227, 227], "scale": 1.0}},
             "units": [{"unit": 3, "rank": 1, "activation": 2.0, "weight": 0.5, "contribution": 1.0,
                        "weight_source": "classifier", "labels": []}],
             "heatmaps": {"cam": {"description": "class activation map",
@@ -171,15 +173,20 @@ def test_schema_files_are_valid_draft_2020_12_and_accept_the_contracts_own_bodie
         validator(kind)  # check_schema inside
     body = _response()
     assert validate_response(body) is body
-    body["model"]["engine"] = {"version": "0.2.0", "code_sha256": "c" * 64}  # the lead's field, optional for now
-    body["input"]["geometry"] = {"frame": "sent", "size": [227, 227], "analysed_size": [227, 227], "scale": 1.0}
-    validate_response(body)
+    for required in ("engine", "geometry"):  # every response says which code drew it and in which frame
+        broken = copy.deepcopy(body)
+        del (broken["model"] if required == "engine" else broken["input"])[required]
+        with pytest.raises(ValidationError):
+            validate_response(broken)
     stored = copy.deepcopy(body)
     stored["heatmaps"]["cam"] = _object_form(stored["heatmaps"]["cam"], "heatmaps/cam.png")[0]
     stored["item"] = {"id": "0123abcd", "case_id": "c01", "truth": 1, "mask": "mask.png"}
     validate_response(stored, "batch_result")
     volume = encode_3d(np.zeros((4, 5, 6), np.float32), np.eye(4))
-    mri = {**body, "input": {"format": "nifti", "shape": [4, 5, 6], "resampled": False, "affine": np.eye(4).tolist()},
+    grid = {"shape": [4, 5, 6], "affine": np.eye(4).tolist()}
+    mri = {**body, "input": {"format": "nifti", "resampled": False, **grid,
+                             "geometry": {"frame": "sent", **grid, "model_shape": grid["shape"],
+                                          "model_affine": grid["affine"]}},
            "heatmaps": {"gradcam": volume}}
     validate_response(mri)
     validate_response({"code": 400, "error": "corrupt_image", "message": "could not decode the PNG image"}, "auto")
