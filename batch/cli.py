@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--s3-env", type=Path, metavar="FILE")
     merge.add_argument("--force", action="store_true",
                        help="rebuild and re-verify every item even if nothing changed since the last merge")
+    merge.add_argument("--ann-threshold", type=int, default=None, metavar="N",
+                       help="runs with more than N items get the approximate (FAISS) similarity index "
+                            "(default: batch.analyses.ann.DEFAULT_THRESHOLD)")
     merge.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -141,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     run = merge_run(args.output, s3_env=args.s3_env, archive=args.archive, progress=not args.no_progress,
-                    force=args.force)
+                    force=args.force, ann_threshold=args.ann_threshold)
     counts = run["counts"]
     print(f"run merged: {args.output.rstrip('/')}/run.json: {counts['items']} items, {counts['complete']} complete, "
           f"{counts['failed']} failed, {counts.get('integrity_failed', 0)} failed the integrity check; "

@@ -5,9 +5,16 @@ summaries); merging again over an unchanged run writes nothing. One merger at a 
 run's merge lock (``batch.claims``, ``If-None-Match: *``), so two shards finishing together do not
 both write: the second waits and then finds nothing changed. Every item object is verified against
 the item's ``_complete.json`` before use; an item with a mismatch is left out and listed in
-``run.json`` (``integrity``). Run-level outputs come from ``batch.analyses.build_run_outputs``
-(pure functions of the item records), so they are the same whether the items were produced by one
-shard or many.
+``run.json`` (``integrity``). Run-level outputs come from ``batch.analyses.RunAnalyses`` (pure
+functions of the item records), so they are the same whether the items were produced by one shard
+or many.
+
+Streaming, with bounded memory: items are read a window at a time (``threads`` reads in flight,
+in item order), each verified record is fed to the analyses and then dropped; large outputs
+(embeddings, similarity.json, the ANN index) are files in a temporary folder, uploaded from disk.
+What grows with the number of items is small per item: its id (listing, state digest), its case
+code and its AUC scores (``batch.analyses.quality.ClassificationTally``), plus the FAISS index of
+runs above ``ann_threshold`` (IVF-Flat holds the vectors: items x dim x 4 bytes).
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +36,7 @@ from batch.claims import Writer
 from batch.items import content_type, json_bytes
 from batch.records import ItemRecord, ModelInfo
 from medxplain_contract.checksums import IntegrityError
+from medxplain_contract.integrity import sha256_file as sha256_of_file
 from medxplain_contract.layout import ATTEMPTS, FINGERPRINT, MODEL_RECORD, RUN_MANIFEST, RunLayout, parse_shard_key
 from medxplain_contract.runs import RunReader
 from medxplain_contract.storage import Bucket, RetryPolicy, S3Config, parse_s3_url, sha256_bytes
@@ -63,18 +74,27 @@ def read_record(reader: RunReader, item_id: str) -> ItemRecord:
 
 
 def read_records(reader: RunReader, item_ids: list[str], threads: int = 8,
-                 progress: bool = False) -> tuple[list[ItemRecord], list[IntegrityError]]:
-    """The verified records, and the integrity problems of the items left out."""
+                 progress: bool = False) -> Iterator[ItemRecord | IntegrityError]:
+    """Each item's verified record (or the integrity problem that leaves it out), in item order.
+
+    At most ``2 x threads`` items are read ahead of the consumer, so memory does not grow with the run.
+    """
     def attempt(item_id: str) -> ItemRecord | IntegrityError:
         try:
             return read_record(reader, item_id)
         except IntegrityError as err:
             return err
 
-    with ThreadPoolExecutor(threads) as pool:
-        read = list(tqdm(pool.map(attempt, item_ids), total=len(item_ids), desc="reading items",
-                         unit="item", disable=not progress))
-    return ([r for r in read if isinstance(r, ItemRecord)], [r for r in read if isinstance(r, IntegrityError)])
+    window = 2 * threads
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=len(item_ids), desc="reading items", unit="item",
+                                                   disable=not progress) as bar:
+        pending = deque(pool.submit(attempt, i) for i in item_ids[:window])
+        for position in range(len(item_ids)):
+            read = pending.popleft()
+            if position + window < len(item_ids):
+                pending.append(pool.submit(attempt, item_ids[position + window]))
+            bar.update()
+            yield read.result()
 
 
 @dataclass
@@ -85,30 +105,38 @@ class MergeOutcome:
 
 def merge_run(output: str, s3: S3Config | None = None, s3_env: Path | None = None, archive: Path | None = None,
               progress: bool = False, retry: RetryPolicy | None = None, shards: int | None = None,
-              force: bool = False) -> dict:
+              force: bool = False, ann_threshold: int | None = None) -> dict:
     """Build run-level outputs and ``run.json`` once every shard has written its summary; returns the manifest.
 
     ``force`` rebuilds (and re-verifies every item) even when nothing changed since the last merge.
+    ``ann_threshold``: runs with more items get the FAISS index (None: ``batch.analyses.ann.DEFAULT_THRESHOLD``).
     """
-    return merge(output, s3, s3_env, archive, progress, retry, shards, force=force).run
+    return merge(output, s3, s3_env, archive, progress, retry, shards, force=force, ann_threshold=ann_threshold).run
 
 
-def _build(records: list[ItemRecord], model: ModelInfo,
-           problems: list[IntegrityError]) -> tuple[dict[str, bytes], list[ItemRecord]]:
-    """Run-level outputs; an item whose heatmap or mask fails its check is dropped and the outputs rebuilt."""
-    from batch.analyses import build_run_outputs
+def _analyse(reader: RunReader, item_ids: list[str], model: ModelInfo, workdir: Path, progress: bool,
+             ann_threshold: int | None) -> tuple[dict[str, bytes | Path], int, list[IntegrityError]]:
+    """Stream every item through the run-level analyses; (outputs, items used, items left out)."""
+    from batch.analyses import RunAnalyses
+    from batch.analyses.ann import DEFAULT_THRESHOLD
 
-    while True:
+    analyses = RunAnalyses(model, workdir, ann_threshold=DEFAULT_THRESHOLD if ann_threshold is None else ann_threshold)
+    problems: list[IntegrityError] = []
+    for read in read_records(reader, item_ids, progress=progress):
+        if isinstance(read, IntegrityError):
+            problems.append(read)
+            continue
         try:
-            return build_run_outputs(records, model), records
+            analyses.add(read)  # all or nothing: a heatmap or mask failing its check leaves the item out
         except IntegrityError as err:
             problems.append(err)
-            records = [r for r in records if r.item_id != err.item_id]
+        reader.forget(read.item_id)
+    return analyses.finish(), analyses.items, problems
 
 
 def merge(output: str, s3: S3Config | None = None, s3_env: Path | None = None, archive: Path | None = None,
           progress: bool = False, retry: RetryPolicy | None = None, shards: int | None = None,
-          writer: Writer | None = None, force: bool = False) -> MergeOutcome:
+          writer: Writer | None = None, force: bool = False, ann_threshold: int | None = None) -> MergeOutcome:
     """:func:`merge_run`, also saying whether this call wrote; ``writer`` holds the merge lock (its heartbeat)."""
     config = s3 or S3Config.from_env(env_file=s3_env)
     bucket_name, prefix = parse_s3_url(output)
@@ -148,14 +176,14 @@ def merge(output: str, s3: S3Config | None = None, s3_env: Path | None = None, a
     writer.start()
     try:
         with writer.merge_lock():
-            return _merge_locked(out, prefix, reader, record, state, progress, force)
+            return _merge_locked(out, prefix, reader, record, state, progress, force, ann_threshold)
     finally:
         if started_here:
             writer.stop()
 
 
 def _merge_locked(out: Bucket, prefix: str, reader: RunReader, record: dict, state, progress: bool,
-                  force: bool) -> MergeOutcome:
+                  force: bool, ann_threshold: int | None = None) -> MergeOutcome:
     from batch.analyses import SUMMARY_KEY
 
     summaries, complete, failure_ids, digest = state()  # again: another merger may have just finished
@@ -176,21 +204,26 @@ def _merge_locked(out: Bucket, prefix: str, reader: RunReader, record: dict, sta
 
     merge_started = manifest.now()
     model = read_model(reader)
-    records, problems = read_records(reader, complete, progress=progress)
-    outputs, records = _build(records, model, problems)
-    for problem in problems:
-        log.warning("left out of the merge: %s", problem)
+    with tempfile.TemporaryDirectory(prefix="medxai-merge-") as workdir:
+        outputs, used, problems = _analyse(reader, complete, model, Path(workdir), progress, ann_threshold)
+        for problem in problems:
+            log.warning("left out of the merge: %s", problem)
+        objects = {name: sha256_bytes(data) if isinstance(data, bytes) else sha256_of_file(data)
+                   for name, data in outputs.items()}
 
-    def write(name: str) -> None:
-        key = layout.key(name)
-        if out.sha256_of(key) != sha256_bytes(outputs[name]):  # unchanged objects keep their timestamps
-            out.put(key, outputs[name], content_type(name))
+        def write(name: str) -> None:
+            key, data = layout.key(name), outputs[name]
+            if out.sha256_of(key) == objects[name]:  # unchanged objects keep their timestamps
+                return
+            if isinstance(data, bytes):
+                out.put(key, data, content_type(name))
+            else:
+                out.put_file(key, data, content_type(name))
 
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(write, sorted(outputs)))
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(write, sorted(outputs)))
+        analyses = json.loads(outputs[SUMMARY_KEY]) if SUMMARY_KEY in outputs else None
     failures = [reader.bookkeeping(RunLayout("").failure(i)) or {"id": i} for i in failure_ids]
-    analyses = json.loads(outputs[SUMMARY_KEY]) if SUMMARY_KEY in outputs else None
-    objects = {name: sha256_bytes(data) for name, data in outputs.items()}
     for name in (RunLayout("").model(n) for n in ("model.json", "model_card.json", "unit_labels.json", "classifier.npz")):
         stored = out.sha256_of(layout.key(name))
         if stored is not None:
@@ -205,7 +238,7 @@ def _merge_locked(out: Bucket, prefix: str, reader: RunReader, record: dict, sta
         "ended": manifest.now(),
         "merge_started": merge_started,
         "counts": {"items": summaries[0].get("source_items", len(complete) + len(failure_ids)),
-                   "complete": len(records), "failed": len(failure_ids), "integrity_failed": len(problems),
+                   "complete": used, "failed": len(failure_ids), "integrity_failed": len(problems),
                    "processed": sum(s.get("processed", 0) for s in summaries),
                    "skipped": sum(s.get("skipped", 0) for s in summaries)},
         "truth": summaries[0].get("truth"),

@@ -10,6 +10,7 @@ A run lives below one prefix (docs/architecture.md, "run layout")::
     writers/<owner>.json        writer heartbeats; locks/merge.json the merge lock
     shards/00000-of-00002.json  shard summaries
     index/ units/ mri/ report.json analyses.json   run-level outputs of the merge
+    index/ann.faiss             the approximate (FAISS) similarity index of runs above the size threshold
     private/                    the id -> source key mapping (never read by the UI)
 
 ``RunLayout("")`` gives keys relative to the run (what run.json and result.json record);
@@ -29,6 +30,8 @@ FINGERPRINT = "fingerprint.json"
 PRIVATE_SOURCES = "private/sources.json"
 ITEMS, FAILURES, ATTEMPTS, WRITERS, SHARDS = "items", "failures", "attempts", "writers", "shards"
 MODEL, INDEX, UNITS, MRI, PRIVATE = "model", "index", "units", "mri", "private"
+SIMILARITY, EMBEDDINGS, IDS = "similarity.json", "embeddings.npy", "ids.json"  # below index/
+ANN_INDEX = "ann.faiss"  # below index/: only runs above the merge's ANN size threshold have it
 _SHARD_NAME = re.compile(r"^shards/(\d{5})-of-(\d{5})\.json$")
 
 

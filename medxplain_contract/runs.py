@@ -24,7 +24,7 @@ from PIL import Image
 
 from medxplain_contract.checksums import IntegrityError, verified
 from medxplain_contract.encodings import decode_3d, decode_map
-from medxplain_contract.layout import COMPLETE, FAILURES, ITEMS, PRIVATE, RunLayout
+from medxplain_contract.layout import ANN_INDEX, COMPLETE, FAILURES, ITEMS, PRIVATE, RunLayout
 from medxplain_contract.similarity import SimilarityIndex
 from medxplain_contract.storage import Bucket
 
@@ -108,6 +108,10 @@ class RunReader:
         if item_id not in self._markers:
             self._markers[item_id] = json.loads(self.raw(_REL.complete(item_id)))
         return self._markers[item_id]
+
+    def forget(self, item_id: str) -> None:
+        """Drop the item's cached marker (the streaming merge reads each item once)."""
+        self._markers.pop(item_id, None)
 
     def item_bytes(self, item_id: str, name: str) -> bytes:
         """An item object, verified against the item's marker."""
@@ -219,6 +223,8 @@ class RunReader:
             sim = self.bytes(_REL.index("similarity.json"))
         except KeyError:
             return None
+        if b'"search":"ann"' in sim[:200]:  # large run: the ANN index (checked twice) instead of the matrix
+            return SimilarityIndex.from_objects(sim, ann_index=self.bytes(_REL.index(ANN_INDEX)))
         try:
             emb, ids = self.bytes(_REL.index("embeddings.npy")), self.bytes(_REL.index("ids.json"))
         except KeyError:
