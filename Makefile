@@ -35,13 +35,13 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-.PHONY: lint help setup check-java check-chromium data train archives serve stop demo test bench clean
+.PHONY: lint help setup check-java check-chromium data train archives serve stop demo test bench bench-scale clean
 
 help:
 	@echo "make demo      set up, synthetic data, train both models, archives, serve, predict, batch runs into MinIO, UI"
 	@echo "make test      set up and run the test suite against real MinIO and TorchServe"
 	@echo "make setup     virtualenv ($(VENV)), MinIO server binary, Java and Chromium checks"
-	@echo "make data | train | archives | serve | stop | bench | clean | ui-env"
+	@echo "make data | train | archives | serve | stop | bench | bench-scale | clean | ui-env"
 
 setup: $(VENV)/.installed $(MINIO_BIN) check-java check-chromium
 	@# gRPC stubs are generated from the .proto files inside the installed TorchServe jar (never committed)
@@ -132,6 +132,14 @@ bench: $(ARCHIVES)
 	$(PY) -m devstack.bench --build $(BUILD)
 	$(PY) -m devstack.batch_bench --archive $(MAR_DIR)/ddsm.mar --data $(DATA)/ddsm
 	$(PY) -m devstack.load --model-store $(MAR_DIR) --data $(DATA)
+	$(PY) -m devstack.bench_similarity --sizes 100000 --dims 512 --queries 300
+	$(PY) -m devstack.bench_merge --sizes 1000,10000
+
+# Hospital scale (tens of minutes, several GiB): ANN at 10^5 and 10^6 x 512 / 2048 (2048 at 10^6
+# needs --big: 8 GiB), merge peak RSS at 10^4 vs 10^5 items.
+bench-scale:
+	$(PY) -m devstack.bench_similarity --full
+	$(PY) -m devstack.bench_merge --full
 
 clean:
 	-$(PY) -m devstack stop --state $(BUILD)/stack

@@ -90,6 +90,18 @@ class SimilarityIndex:
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def can_query(self) -> bool:
+        """Ad-hoc queries need the matrix (exact) or the ANN index (large runs)."""
+        return self.matrix is not None or self.ann is not None
+
+    @property
+    def dim(self) -> int | None:
+        """Length of the run's embeddings (None when neither matrix nor index is loaded)."""
+        if self.ann is not None:
+            return int(self.ann.index.d)
+        return None if self.matrix is None else int(self.matrix.shape[1])
+
     def _result(self, rows, scores) -> list[Neighbour]:
         out = []
         for r, s in zip(rows, scores):

@@ -73,7 +73,7 @@ def test_merge_builds_the_ann_index_above_the_threshold(bucket, ann_run):
 def test_ann_query_returns_the_exact_top_k(bucket, ann_run):
     reader = RunReader(bucket, ann_run)
     index = reader.similarity()  # what the UI loads (ui.data.similarity_index)
-    assert index.ann is not None and index.matrix is None
+    assert index.ann is not None and index.matrix is None and index.can_query and index.dim == DIM
     matrix = load_npy(reader.bytes("index/embeddings.npy"))
     cases = np.array([it["case_id"] for it in index.items])
     exact = SimilarityIndex.from_objects(reader.bytes("index/similarity.json"), reader.bytes("index/embeddings.npy"))

@@ -33,8 +33,8 @@ def query_from_upload(prefix: str, index) -> list | None:
     if upload is None:
         return None
     payload = upload.getvalue()
-    if index.matrix is None:
-        st.error("This run has no embedding matrix (index/embeddings.npy), so uploads cannot be compared.")
+    if not index.can_query:
+        st.error("This run has no embedding matrix or ANN index (index/), so uploads cannot be compared.")
         return None
     model = data.run(prefix).model_json()
     name = model.get("name") or data.model_version_key(prefix)[0]
@@ -50,8 +50,8 @@ def query_from_upload(prefix: str, index) -> list | None:
     st.image(shown, caption="query", width=240)
     with st.spinner("Computing the embedding on TorchServe ..."):
         try:
-            response = serving.call(data.settings(), name, payload, top_k=int(index.matrix.shape[1]))
-            vector = serving.embedding_from_response(response, int(index.matrix.shape[1]))
+            response = serving.call(data.settings(), name, payload, top_k=index.dim)
+            vector = serving.embedding_from_response(response, index.dim)
         except serving.ServingError as err:
             st.error(str(err))
             return None
