@@ -3,7 +3,9 @@
 Starts a real MinIO (devstack.services.MinioServer, free ports, a temporary folder), writes a
 synthetic committed run per size (devstack.synthetic_run: result.json + features.npz + marker per
 item, clustered embeddings), then merges each in a fresh child process and prints that process's
-peak RSS (``resource.getrusage``) and wall time. Two modes per size, back to back on the same run:
+peak RSS and wall time. Peak RSS is ``VmHWM`` of /proc/self/status, not ``getrusage``'s
+``ru_maxrss``: Linux keeps ``ru_maxrss`` across fork + exec, so a child would report at least the
+parent's RSS at fork time (the parent that just wrote 10^5 items). Two modes per size, back to back on the same run:
 ``stream`` (batch.merge as it is: records one window at a time) and ``in-memory`` (every record
 read into a list first, then the same analyses: what the merge did before it streamed). The last
 line gives the ratios between the largest and smallest size. Runs above ``--ann-threshold`` items
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,12 +26,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def peak_rss_kib() -> int:
+    """This process's own peak resident set size (VmHWM, KiB; reset by exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def child(prefix: str, bucket: str, mode: str, ann_threshold: int) -> None:
     """Merge (or read-all-then-analyse) one run; print peak RSS and time as JSON."""
     import batch.analyses
     import batch.merge  # noqa: F401 - imported before the baseline: the model code's imports (torch) weigh ~0.9 GB
 
-    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline_kib = peak_rss_kib()
     started = time.perf_counter()
     if mode == "stream":
         from batch.merge import merge_run
@@ -47,7 +56,7 @@ def child(prefix: str, bucket: str, mode: str, ann_threshold: int) -> None:
         records = list(read_records(reader, reader.item_ids()))
         build_run_outputs(records, read_model(reader), ann_threshold=ann_threshold)
         items = len(records)
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+    rss_kib = peak_rss_kib()
     print(json.dumps({"items": items, "peak_rss_mib": round(rss_kib / 1024, 1),
                       "baseline_rss_mib": round(baseline_kib / 1024, 1),
                       "merge_rss_mib": round((rss_kib - baseline_kib) / 1024, 1),
