@@ -32,14 +32,18 @@ class PatchScore(nn.Module):
         self.model = model
 
     def forward(self, grey: torch.Tensor) -> torch.Tensor:
-        return self.model(ddsm_normalise(grey[:, 0]))
+        return self.head(self.model.features(ddsm_normalise(grey[:, 0])))
+
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        """layer4 map -> scores: what incremental occlusion (medxplain_engine/occlusion2d.py) applies."""
+        return self.model.fc(self.model.pool(fmap))
 
 
 class FullImageScore(PatchScore):
     """Grey full image -> per-class maximum of the class map (DeepMiner's image score, as logits)."""
 
-    def forward(self, grey: torch.Tensor) -> torch.Tensor:
-        return self.model.class_map(self.model.features(ddsm_normalise(grey[:, 0]))).amax(dim=(2, 3))
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.model.class_map(fmap).amax(dim=(2, 3))
 
 
 class DDSMEngine(Engine):
