@@ -10,10 +10,10 @@ archive's own net, then on one synthetic mammogram at the served full-image size
    ``torch.compile``; max abs difference of the class-probability map against eager;
 2. every DDSM method through ``Engine.run_prepared``, eager vs the engine with the speed-ups that
    ``model_store/configs/ddsm.yaml`` turns on, with the max abs difference of each map;
-3. occlusion at the default window: incremental (``medxplain_engine/occlusion2d.py``) vs the former
-   Captum implementation, whose time is measured on ``--reference-windows`` windows and
-   extrapolated to all of them (``--reference-windows 0``: the whole Captum map, and the map's
-   max abs difference); drops of the sampled windows are compared.
+3. occlusion at the default window: incremental (``medxplain_engine/occlusion2d.py``, eager and
+   with the served speed-ups) vs the former Captum implementation, both on ``--occlusion-sample``
+   consecutive windows with the time extrapolated to all (their drops compared), or with
+   ``--occlusion-sample 0`` on the whole map (the maps compared).
 
 Times are medians of ``--repeats`` runs; on a loaded machine compare ratios, not absolute times.
 """
@@ -181,8 +181,12 @@ def _request(payload: bytes, params: dict) -> EngineRequest:
     return EngineRequest(payload, {k: v for k, v in params.items() if v != ""})
 
 
-def bench_occlusion(engines: dict[str, DDSMEngine], payload: bytes, reference_windows: int) -> None:
-    """Default-window occlusion on the full image: incremental (per engine) vs Captum (the former implementation)."""
+def bench_occlusion(engines: dict[str, DDSMEngine], payload: bytes, sample: int) -> None:
+    """Default-window occlusion on the full image: incremental (per engine) vs Captum (the former implementation).
+
+    ``sample`` > 0: both sides run the same block of consecutive windows from the middle of the grid
+    (as the incremental batches them) and their time is extrapolated to all windows; 0: whole maps.
+    """
     eager = engines["eager"]
     item: Prepared = eager.prepare_isolated(_request(payload, {}))  # type: ignore[assignment]
     grey = item.inputs
@@ -195,39 +199,37 @@ def bench_occlusion(engines: dict[str, DDSMEngine], payload: bytes, reference_wi
         target = int(score(grey).argmax())
         base = float(score(grey)[0, target])
     lo, hi = window_boxes(shape, size, stride)
+    n = len(lo)
+    pick = np.arange(n) if not sample or sample >= n else np.arange(sample) + (n - sample) // 2
+    extrapolate = n / len(pick)
     fill = ddsm_normalise(torch.zeros(1, 1, 1))[0, :, 0, 0]
-    print(f"  occlusion at {shape}, window {size} stride {stride}: {len(lo)} windows, target {target}")
-    if reference_windows == 0:
-        started = time.perf_counter()
+    what = "all windows" if len(pick) == n else f"{len(pick)} consecutive windows, extrapolated to all"
+    print(f"  occlusion at {shape}, window {size} stride {stride}: {n} windows ({what}), target {target}")
+    started = time.perf_counter()
+    if len(pick) == n:
         reference_map = occlusion_map_reference(score, grey, target, size, stride)
-        t_ref = time.perf_counter() - started
-        print(f"    {'Captum Occlusion, eager (before)':40s} {t_ref:8.1f} s  (all windows)")
-        pick = np.arange(len(lo))
     else:
-        pick = np.unique(np.linspace(0, len(lo) - 1, reference_windows).round().astype(int))
         with torch.inference_mode():
-            started = time.perf_counter()
             ref_drops = []
             for start in range(0, len(pick), 8):  # as Captum: perturbations_per_eval=8, a full forward each
                 batch = grey.repeat(len(pick[start:start + 8]), 1, 1, 1)
                 for b, w in enumerate(pick[start:start + 8]):
                     batch[b, 0, lo[w][0]:hi[w][0], lo[w][1]:hi[w][1]] = 0
                 ref_drops.extend((base - score(batch)[:, target]).tolist())
-            t_ref = (time.perf_counter() - started) / len(pick) * len(lo)
-        print(f"    {'full recomputation, eager (before)':40s} {t_ref:8.1f} s  (measured on {len(pick)} windows, "
-              "extrapolated)")
+    t_ref = (time.perf_counter() - started) * extrapolate
+    print(f"    {'Captum Occlusion, eager (before)':36s} {t_ref:8.1f} s")
     for name, engine in engines.items():
         head = engine.scores["full"].head
         started = time.perf_counter()
-        drops = incremental_drops(engine.model, head, ddsm_normalise(grey[:, 0]), target, lo, hi, fill)
-        got = relevance_map(shape, lo, hi, drops)
-        t_inc = time.perf_counter() - started
-        if reference_windows == 0:
+        drops = incremental_drops(engine.model, head, ddsm_normalise(grey[:, 0]), target, lo[pick], hi[pick], fill)
+        got = relevance_map(shape, lo, hi, drops) if len(pick) == n else None
+        t_inc = (time.perf_counter() - started) * extrapolate
+        if got is not None:
             diff = f"max|dmap| {np.abs(reference_map - got).max():.1e} (map up to {np.abs(reference_map).max():.1e})"
         else:
-            diff = (f"max|ddrop| {np.abs(np.array(ref_drops) - drops[pick]).max():.1e} on those windows "
+            diff = (f"max|ddrop| {np.abs(np.array(ref_drops) - drops).max():.1e} "
                     f"(drops up to {np.abs(ref_drops).max():.1e})")
-        print(f"    {'incremental, ' + name:40s} {t_inc:8.1f} s  {t_ref / t_inc:6.1f}x  {diff}")
+        print(f"    {'incremental, ' + name:36s} {t_inc:8.1f} s  {t_ref / t_inc:6.1f}x  {diff}")
 
 
 def bench_depth(label: str, make_engine: Callable[[], DDSMEngine], payload: bytes, args: argparse.Namespace) -> None:
@@ -239,7 +241,7 @@ def bench_depth(label: str, make_engine: Callable[[], DDSMEngine], payload: byte
     bench_forward(eager.model, ddsm_normalise(item.inputs[:, 0]), args.repeats, args.compile)
     bench_methods(eager, fast, payload, args.repeats, args.ig_steps)
     if not args.no_occlusion:
-        bench_occlusion({"eager": eager, "served speed-ups": fast}, payload, args.reference_windows)
+        bench_occlusion({"eager": eager, "served speed-ups": fast}, payload, args.occlusion_sample)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, as served)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median)")
     parser.add_argument("--ig-steps", type=int, default=16, help="integrated gradients steps (API default 16)")
-    parser.add_argument("--reference-windows", type=int, default=16,
-                        help="windows the full-recomputation occlusion is timed on (0: the whole Captum map)")
+    parser.add_argument("--occlusion-sample", type=int, default=48,
+                        help="consecutive windows both occlusion implementations run, time extrapolated to all "
+                             "(0: whole maps and the maps' max abs difference)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor; slow to build)")
     parser.add_argument("--no-occlusion", action="store_true", help="skip the occlusion comparison")
     args = parser.parse_args(argv)
