@@ -153,11 +153,12 @@ def bench_forward(model: DDSMResNet, x: torch.Tensor, repeats: int, with_compile
         print(f"    {k:32s} {t * 1000:9.0f} {times['eager'] / t:8.2f}x {diffs[k]:9.1e}{extra}")
 
 
-def bench_methods(eager: DDSMEngine, fast: DDSMEngine, payload: bytes, repeats: int, ig_steps: int) -> None:
+def bench_methods(eager: DDSMEngine, fast: DDSMEngine, payload: bytes, repeats: int, ig_steps: int,
+                  methods: tuple[str, ...] = METHODS) -> None:
     """Each method through the engine stages (eager vs the served speed-ups), with the maps' difference."""
     print(f"  methods (engine infer + explain + serialise), eager vs {SERVED}, median of {repeats}:")
     print(f"    {'method':22s} {'eager ms':>9s} {'fast ms':>9s} {'ratio':>7s} {'max|dmap|/max|map|':>19s} {'max|dp|':>9s}")
-    for method in METHODS:
+    for method in methods:
         params = {"explain": "" if method == "none" else method, "top_k": 0, "ig_steps": ig_steps}
         items = {k: e.prepare_isolated(_request(payload, params)) for k, e in (("eager", eager), ("fast", fast))}
         results = {}
@@ -239,7 +240,7 @@ def bench_depth(label: str, make_engine: Callable[[], DDSMEngine], payload: byte
     print(f"  served speed-ups {SERVED}: initialize applies them and warms up in {applied['warm_up_s']} s")
     item: Prepared = eager.prepare_isolated(_request(payload, {}))  # type: ignore[assignment]
     bench_forward(eager.model, ddsm_normalise(item.inputs[:, 0]), args.repeats, args.compile)
-    bench_methods(eager, fast, payload, args.repeats, args.ig_steps)
+    bench_methods(eager, fast, payload, args.repeats, args.ig_steps, tuple(args.methods.split(",")))
     if not args.no_occlusion:
         bench_occlusion({"eager": eager, "served speed-ups": fast}, payload, args.occlusion_sample)
 
@@ -257,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--occlusion-sample", type=int, default=48,
                         help="consecutive windows both occlusion implementations run, time extrapolated to all "
                              "(0: whole maps and the maps' max abs difference)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"methods to time through the engine ('none' = prediction only; default {','.join(METHODS)})")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (inductor; slow to build)")
     parser.add_argument("--no-occlusion", action="store_true", help="skip the occlusion comparison")
     args = parser.parse_args(argv)
