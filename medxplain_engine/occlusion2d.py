@@ -197,9 +197,9 @@ def _zero_outside(x: torch.Tensor, lo: np.ndarray, n: np.ndarray) -> torch.Tenso
     h, w = x.shape[2:]
     if (lo >= 0).all() and (lo + (h, w) <= n).all():
         return x
-    lo_t = torch.from_numpy(lo)
-    rows = torch.arange(h)[None] + lo_t[:, :1]
-    cols = torch.arange(w)[None] + lo_t[:, 1:]
+    lo_t = torch.from_numpy(lo).to(x.device)
+    rows = torch.arange(h, device=x.device)[None] + lo_t[:, :1]
+    cols = torch.arange(w, device=x.device)[None] + lo_t[:, 1:]
     keep = ((rows >= 0) & (rows < int(n[0])))[:, :, None] & ((cols >= 0) & (cols < int(n[1])))[:, None, :]
     return x * keep[:, None].to(x.dtype)
 
@@ -273,7 +273,7 @@ class IncrementalResNet:
             if tile is None:  # the occluded input: each window's pixels set to the fill value
                 for b in range(len(w_lo)):
                     (r0, c0), (r1, c1) = w_lo[b] - crop_lo[b], w_hi[b] - crop_lo[b]
-                    crop[b, :, r0:r1, c0:c1] = fill[:, None, None]
+                    crop[b, :, r0:r1, c0:c1] = fill[:, None, None].to(crop.device)
             else:
                 _paste(crop, crop_lo, tile, tile_lo)
             tile, tile_lo = stage.run(crop, crop_lo, lo, extent, n_in), lo
@@ -294,7 +294,7 @@ def incremental_drops(model: nn.Module, head: Head, normalised: torch.Tensor, ta
     for start in range(0, len(lo), batch_size):
         rows = slice(start, start + batch_size)
         features = net.occluded_features(acts, [(a[rows], z[rows]) for a, z in boxes], fill)
-        drops[rows] = base - head(features)[:, target].float().numpy()
+        drops[rows] = base - head(features)[:, target].float().cpu().numpy()
     return drops
 
 
