@@ -131,6 +131,7 @@ test: setup lint deploy-tools
 bench: $(ARCHIVES)
 	$(PY) -m devstack.bench --build $(BUILD)
 	$(PY) -m devstack.batch_bench --archive $(MAR_DIR)/ddsm.mar --data $(DATA)/ddsm
+	$(PY) -m devstack.bench_fullimage --archive $(MAR_DIR)/ddsm.mar --data $(DATA)/ddsm
 	$(PY) -m devstack.load --model-store $(MAR_DIR) --data $(DATA)
 	$(PY) -m devstack.bench_similarity --sizes 100000 --dims 512 --queries 300
 	$(PY) -m devstack.bench_merge --sizes 1000,10000

@@ -21,8 +21,10 @@ import shutil
 import stat
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+
+import yaml
 
 from medxplain_contract.integrity import ArchiveIntegrityError, signing_key, verify_archive
 from medxplain_engine.engine import Engine
@@ -43,6 +45,7 @@ class LoadedArchive:
     engine: Engine
     directory: Path  # the unpacked archive (removed by close())
     engine_record: dict  # {"version", "code_sha256"}: the archive's engine.json, equal to the code this job runs
+    handler_settings: dict = field(default_factory=dict)  # the archive's model-config.yaml ``handler:`` keys
 
     @property
     def archive_digest(self) -> str:
@@ -98,10 +101,24 @@ def load_archive(mar: Path, expected_kind: str | None = None) -> LoadedArchive:
         engine = Engine.from_model_dir(directory)
         if expected_kind and engine.kind != expected_kind:
             raise ArchiveError(f"{mar} is a {engine.kind!r} model, but --model {expected_kind} was given")
-        return LoadedArchive(mar, sha256, engine, directory, record)
+        return LoadedArchive(mar, sha256, engine, directory, record, handler_settings(directory))
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
+
+
+def handler_settings(directory: Path) -> dict:
+    """``handler:`` of the archive's model-config (MAR-INF/MANIFEST.json names it): the served settings."""
+    if not (directory / "MAR-INF" / "MANIFEST.json").is_file():
+        return {}
+    try:
+        manifest = json.loads((directory / "MAR-INF" / "MANIFEST.json").read_text())
+        name = manifest["model"].get("configFile")
+        config = yaml.safe_load((directory / name).read_text()) if name else {}
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as err:
+        raise ArchiveError(f"unreadable model-config in the archive ({type(err).__name__})") from None
+    settings = (config or {}).get("handler") or {}
+    return settings if isinstance(settings, dict) else {}
 
 
 def check_engine_code(mar: Path, directory: Path) -> dict:

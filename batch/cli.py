@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=_positive, default=4)
     run.add_argument("--top-k", type=_non_negative, default=8, help="ranked units per item")
     run.add_argument("--threads", type=_positive, help="torch threads for the forward pass")
+    run.add_argument("--eager", action="store_true",
+                     help="leave out the CPU speed-ups the archive's model-config turns on (DDSM channels-last; "
+                          "results differ within float32 rounding)")
     run.add_argument("--io-threads", type=_positive, default=4, help="threads for reading and uploading")
     run.add_argument("--s3-env", type=Path, metavar="FILE", help="KEY=VALUE file with MEDXAI_S3_* settings")
     run.add_argument("--id-key-file", type=Path, metavar="FILE",
@@ -130,7 +133,8 @@ def _run(args: argparse.Namespace) -> int:
                          shards=count, labels=args.labels, split=args.split, batch_size=args.batch_size, top_k=args.top_k,
                          threads=args.threads, io_threads=args.io_threads, s3_env=args.s3_env,
                          progress=not args.no_progress, merge=not args.no_merge,
-                         id_key=_id_key(args.id_key_file), max_attempts=args.max_attempts)
+                         id_key=_id_key(args.id_key_file), max_attempts=args.max_attempts,
+                         eager=args.eager)
     result = run_batch(options)
     print(result.summary_line())
     for item_id, code in sorted(result.failed.items()):

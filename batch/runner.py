@@ -80,6 +80,7 @@ class RunOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     id_key: bytes | None = field(default=None, repr=False)  # None: the run's own random key
     max_attempts: int = 3  # attempts that killed the process before an item goes to failures/
+    eager: bool = False  # True: leave out the CPU speed-ups the archive's model-config turns on (as served)
 
     def arguments(self) -> dict:
         return {"model": self.model, "archive": str(self.archive), "input": self.input, "output": self.output,
@@ -383,6 +384,8 @@ def run_batch(options: RunOptions) -> ShardResult:
     try:
         if options.threads:
             torch.set_num_threads(options.threads)
+        if not options.eager:  # as served, so batch == online; eager is within float32 rounding: not a resume change
+            loaded.engine.apply_speed_settings({**loaded.handler_settings, "warm_up": False})
         try:
             shard_run = ShardRun(options, out, prefix, loaded, Source(options.input, lambda: config), writer)
         except InputError as err:

@@ -116,11 +116,13 @@ class EngineHandler:
         settings = config.get("handler", {}) or {}
         torch.set_num_threads(int(settings.get("torch_num_threads", 1)))
         self.engine = Engine.from_model_dir(Path(context.system_properties["model_dir"]))
+        speedups = self.engine.apply_speed_settings(settings)  # and warm-up: not on the first request
         unit = "Mpx-passes" if self.engine.kind == "ddsm" else "Mvoxel-passes"
         self.budget = Budget.from_settings(settings, int(config.get("batchSize", 1)), online=True, unit=unit)
         self.engine.budget = self.budget
         self.initialized = True
-        log.info("loaded %s; engine %s; budget %s", self.engine.model_info(), engine_record(), self.budget)
+        log.info("loaded %s; engine %s; budget %s; speed-ups %s", self.engine.model_info(), engine_record(), self.budget,
+                 speedups)
 
     def handle(self, data: list[dict], context) -> list:
         """One answer per row, whatever any row holds: nothing a row sends may escape as a batch-wide 503."""

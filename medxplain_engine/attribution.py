@@ -2,9 +2,11 @@
 
 Captum does the work wherever it has the method (saliency/sensitivity, guided backprop, integrated
 gradients, Grad-CAM, occlusion, area occlusion as feature ablation over atlas regions). Written by
-hand: CAM from the classifier weights (Captum has no CAM: it is one weighted sum), and the 3D
+hand: CAM from the classifier weights (Captum has no CAM: it is one weighted sum), the 3D
 occlusion in ``medxplain_engine/occlusion3d.py`` (Captum's Occlusion cannot skip windows outside the
-brain or reuse activations, which makes the seed's stride-12 map ~100x more expensive).
+brain or reuse activations, which makes the seed's stride-12 map ~100x more expensive) and the 2D
+one of the DDSM ResNet in ``medxplain_engine/occlusion2d.py`` (Captum's semantics, recomputing only
+each window's receptive-field boxes).
 
 Every method explains a scalar score of a (1, 1, *spatial) input tensor:
 - mammography: the class logit (patches) or the class map's maximum (full images), with the grey
@@ -35,7 +37,9 @@ from torch import nn
 
 from medxplain_contract.errors import InputError
 from medxplain_engine.budget import CostInput, TooExpensive
+from medxplain_engine.occlusion2d import occlusion_map
 from medxplain_engine.options import RequestOptions
+from medxplain_models.preprocess import ddsm_normalise
 
 MAX_OCCLUSION_PASSES_2D = 1024
 
@@ -149,7 +153,9 @@ class IntegratedGrads(Attribution):
 
 
 class Occlusion2D(Attribution):
-    name, description = "occlusion", "occlusion: score drop when a square is set to 0 (Captum Occlusion)"
+    """Captum's Occlusion semantics; on the DDSM ResNet by incremental inference (medxplain_engine/occlusion2d.py)."""
+
+    name, description = "occlusion", "occlusion: score drop when a square is set to 0 (Captum Occlusion semantics, incremental inference)"
 
     @staticmethod
     def geometry(spatial: tuple[int, ...], options: RequestOptions) -> tuple[int, int, int]:
@@ -179,6 +185,9 @@ class Occlusion2D(Attribution):
 
     def attribute(self, ctx, target, options):
         size, stride, _ = self.geometry(ctx.spatial, options)
+        head = getattr(ctx.score_model, "head", None)  # DDSM score models: layer4 map -> scores
+        if head is not None:
+            return occlusion_map(ctx.score_model.model, head, ddsm_normalise, ctx.inputs, target, size, stride)
         attr = Occlusion(ctx.score_model).attribute(ctx.inputs, sliding_window_shapes=(1, size, size),
                                                    strides=(1, stride, stride), baselines=0, target=target,
                                                    perturbations_per_eval=8)

@@ -163,6 +163,10 @@ class Engine(ABC):
         engine_cls = {"ddsm": DDSMEngine, "adni": ADNIEngine}[bundle.kind]
         return engine_cls(bundle, content_digest(model_dir))
 
+    def apply_speed_settings(self, settings: dict) -> dict:
+        """CPU speed-ups named under ``handler:`` (DDSM: ``mammo.DDSMEngine``); none here. Returns what applied."""
+        return {}
+
     # -- description ------------------------------------------------------------------------------
 
     def model_info(self) -> dict:

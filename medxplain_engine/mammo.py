@@ -8,6 +8,9 @@ label is the calibrated decision (``medxplain_models.decision``) when the bundle
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from PIL import Image
@@ -19,7 +22,7 @@ from medxplain_engine.attribution import DDSM_DEFAULT, DDSM_METHODS, ExplainCont
 from medxplain_engine.engine import Engine, Geometry2D, Inference, Prepared
 from medxplain_engine.options import RequestOptions
 from medxplain_models.bundle import ModelBundle
-from medxplain_models.ddsm import FULL_IMAGE_SHORT_SIDE, PATCH_SIZE
+from medxplain_models.ddsm import FULL_IMAGE_SHORT_SIDE, PATCH_SIZE, SpeedSettings, fused_trunk
 from medxplain_models.decision import decide, image_scores
 from medxplain_models.preprocess import ddsm_normalise
 
@@ -32,14 +35,18 @@ class PatchScore(nn.Module):
         self.model = model
 
     def forward(self, grey: torch.Tensor) -> torch.Tensor:
-        return self.model(ddsm_normalise(grey[:, 0]))
+        return self.head(self.model.features(ddsm_normalise(grey[:, 0])))
+
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        """layer4 map -> scores: what incremental occlusion (medxplain_engine/occlusion2d.py) applies."""
+        return self.model.fc(self.model.pool(fmap))
 
 
 class FullImageScore(PatchScore):
     """Grey full image -> per-class maximum of the class map (DeepMiner's image score, as logits)."""
 
-    def forward(self, grey: torch.Tensor) -> torch.Tensor:
-        return self.model.class_map(self.model.features(ddsm_normalise(grey[:, 0]))).amax(dim=(2, 3))
+    def head(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.model.class_map(fmap).amax(dim=(2, 3))
 
 
 class DDSMEngine(Engine):
@@ -52,6 +59,28 @@ class DDSMEngine(Engine):
     def __init__(self, bundle: ModelBundle, archive_digest: str) -> None:
         super().__init__(bundle, archive_digest)
         self.scores = {"patch": PatchScore(self.model), "full": FullImageScore(self.model)}
+        self.trunk: Callable[[torch.Tensor], torch.Tensor] = self.model.features  # the forward pass's layer4 map
+        self.speedups = SpeedSettings()
+
+    def apply_speed_settings(self, settings: dict) -> dict:
+        """CPU speed-ups from ``handler:`` (model_store/configs/ddsm.yaml; measured by devstack.bench_fullimage).
+
+        ``channels_last`` stores the weights NHWC (oneDNN's native layout: every method gets faster);
+        ``fused_forward`` runs the prediction's forward pass on a conv-BN-folded copy (torch.fx), which
+        explanations (they need the BatchNorm modules' hooks and gradients) do not use; ``warm_up``
+        runs one patch and one full mammogram here so kernel set-up does not land on the first request.
+        Results stay within float32 rounding of eager (the bench prints the differences).
+        """
+        self.speedups = SpeedSettings.from_dict(settings)
+        if self.speedups.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.speedups.fused_forward:
+            self.trunk = fused_trunk(self.model, self.speedups.channels_last)
+        started = time.perf_counter()
+        if self.speedups.warm_up:
+            for mode, size in (("patch", (PATCH_SIZE, PATCH_SIZE)), ("full", (FULL_IMAGE_SHORT_SIDE, 1400))):
+                self.forward(mode, [Prepared(torch.zeros(1, 1, *size), mode, self.options({}), Geometry2D(size, size))])
+        return {**self.speedups.to_dict(), "warm_up_s": round(time.perf_counter() - started, 2)}
 
     def decode(self, payload: bytes, options: RequestOptions) -> Prepared:
         image = decode_image(payload)
@@ -70,13 +99,13 @@ class DDSMEngine(Engine):
     @torch.inference_mode()
     def forward(self, mode: str, items: list[Prepared]) -> list[Inference]:
         if mode == "patch":
-            fmap = self.model.features(ddsm_normalise(torch.cat([p.inputs for p in items])[:, 0]))
+            fmap = self.trunk(ddsm_normalise(torch.cat([p.inputs for p in items])[:, 0]))
             probs = torch.softmax(self.model.fc(self.model.pool(fmap)), dim=1).numpy()
             return [Inference(p, f.clone(), int(np.argmax(p))) for p, f in zip(probs, fmap)]
         return [self._full_image(item) for item in items]  # full images differ in size: one pass each
 
     def _full_image(self, item: Prepared) -> Inference:
-        fmap = self.model.features(ddsm_normalise(item.inputs[:, 0]))
+        fmap = self.trunk(ddsm_normalise(item.inputs[:, 0]))
         prob_map = torch.softmax(self.model.class_map(fmap), dim=1)[0].flatten(1)  # (classes, positions)
         # The image score per class is the map's maximum (DeepMiner); the reported distribution
         # is the one at the most suspicious position (lowest 'normal' probability).
