@@ -14,8 +14,8 @@ reports on its metrics port (``ts_inference_latency_microseconds``: request in t
 see; "IPC + worker loop" is the frontend's time minus queue and handler: the socket hop to the
 Python worker and TorchServe's own (de)serialisation of the batch.
 
-Both sides use the same archive, inputs and torch thread count (the archive's
-``handler.torch_num_threads``). ``--stock`` adds stock TorchServe's ``image_classifier`` handler on
+Both sides use the same archive, inputs and CPU threads: in-process torch runs on as many threads
+as the server's workers have together (``minWorkers`` x ``handler.torch_num_threads``). ``--stock`` adds stock TorchServe's ``image_classifier`` handler on
 the same ResNet weights (devstack/bench_stock.py) as a reference ratio.
 """
 
@@ -202,8 +202,10 @@ def bench_serving(mar: Path, data_dir: Path, n: int, n_full: int, clients: int, 
         with zipfile.ZipFile(mar) as zf:
             zf.extractall(model_dir)
         settings = archive_settings(model_dir)
-        threads = threads or int((settings.get("handler") or {}).get("torch_num_threads", 1))
-        torch.set_num_threads(threads)  # the worker's own setting (handlers/torchserve_adapter.initialize)
+        # The CPUs the server computes on: workers x their torch threads (handlers/torchserve_adapter.initialize)
+        threads = threads or int(settings.get("minWorkers", 1)) * int(
+            (settings.get("handler") or {}).get("torch_num_threads", 1))
+        torch.set_num_threads(threads)
         engine = Engine.from_model_dir(model_dir)
         cases = [Case("patch prediction", sample_patch(data_dir), "predictions"),
                  Case("full mammogram + CAM", sample_full(data_dir), "explanations", {"explain": "default"})]
@@ -211,7 +213,7 @@ def bench_serving(mar: Path, data_dir: Path, n: int, n_full: int, clients: int, 
         server.start()
         try:
             rest = Rest(server, "ddsm")
-            results = [run_case(engine, rest, cases[0], n), run_case(engine, rest, cases[1], n_full)]
+            results = [run_case(engine, rest, case, count) for case, count in zip(cases, (n, n_full)) if count]
             tput = throughput(engine, rest, cases[0], clients, per_client, per_client)
         finally:
             server.stop()
@@ -275,10 +277,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mar", type=Path, help="ddsm archive (default: BUILD/model-store/ddsm.mar)")
     parser.add_argument("--data", type=Path, help="ddsm data folder (default: BUILD/data/ddsm)")
     parser.add_argument("-n", type=int, default=60, help="patch requests per side")
-    parser.add_argument("--n-full", type=int, default=20, help="full-mammogram requests per side")
+    parser.add_argument("--n-full", type=int, default=20, help="full-mammogram requests per side (0: skip)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--per-client", type=int, default=6)
-    parser.add_argument("--threads", type=int, help="torch threads in-process (default: the archive's)")
+    parser.add_argument("--threads", type=int, help="torch threads in-process (default: the archive's workers x threads)")
     parser.add_argument("--stock", action="store_true", help="also time stock TorchServe's image_classifier")
     parser.add_argument("--skip-occlusion", action="store_true")
     return parser.parse_args(argv)
@@ -288,10 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mar = args.mar or args.build / "model-store" / "ddsm.mar"
     data = args.data or args.build / "data" / "ddsm"
-    print_serving(bench_serving(mar, data, args.n, args.n_full, args.clients, args.per_client, args.threads))
+    result = bench_serving(mar, data, args.n, args.n_full, args.clients, args.per_client, args.threads)
+    print_serving(result)
     if args.stock:
         from devstack import bench_stock
-        bench_stock.main(["--mar", str(mar), "--data", str(data), "-n", str(args.n)])
+        bench_stock.main(["--mar", str(mar), "--data", str(data), "-n", str(args.n), "--threads", str(result["threads"])])
     if not args.skip_occlusion:
         from devstack import bench_occlusion
         bench_occlusion.main([])
