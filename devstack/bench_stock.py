@@ -69,9 +69,10 @@ def build_archive(model_dir: Path, out: Path, threads: int) -> Path:
 def in_process_handler(mar: Path, workdir: Path):
     """The stock handler initialised the way TorchServe's worker does, in this process."""
     import ts
-    from ts.context import Context
+    from ts.context import Context, RequestProcessor
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
     from ts.torch_handler.image_classifier import ImageClassifier
+    from ts.utils.util import get_yaml_config
 
     model_dir = workdir / "stock-model"
     with zipfile.ZipFile(mar) as zf:
@@ -79,9 +80,14 @@ def in_process_handler(mar: Path, workdir: Path):
     manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
     metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
     metrics.initialize_cache()
-    context = Context("stock", str(model_dir), manifest, 1, None, ts.__version__, metrics_cache=metrics)
+    config = get_yaml_config(str(model_dir / manifest["model"]["configFile"]))  # as ts.service.Service reads it
+    context = Context("stock", str(model_dir), manifest, 1, None, ts.__version__, metrics=metrics,
+                      model_yaml_config=config)
     handler = ImageClassifier()
     handler.initialize(context)
+    # what ts.service.Service.predict sets before every call, for a batch of one request
+    context.request_processor = [RequestProcessor({"body": {"content-type": "application/octet-stream"}})]
+    context.request_ids = metrics.request_ids = {0: "bench"}
     return lambda body: handler.handle([{"body": body}], context)
 
 
