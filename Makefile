@@ -129,7 +129,7 @@ test: setup lint deploy-tools
 	$(PY) -m pytest tests
 
 bench: $(ARCHIVES)
-	$(PY) -m devstack.bench --build $(BUILD)
+	$(PY) -m devstack.bench --build $(BUILD) --stock
 	$(PY) -m devstack.batch_bench --archive $(MAR_DIR)/ddsm.mar --data $(DATA)/ddsm
 	$(PY) -m devstack.bench_fullimage --archive $(MAR_DIR)/ddsm.mar --data $(DATA)/ddsm
 	$(PY) -m devstack.load --model-store $(MAR_DIR) --data $(DATA)

@@ -198,6 +198,8 @@ class TorchServeServer:
             "load_models": ",".join(f"{n}={f}" for n, f in self.models.items()),
             **self.extra_config,
         })
+        if "vmargs" in props:  # the image's log4j2.xml sits next to its config.properties: use the repo's copy
+            props["vmargs"] = props["vmargs"].replace("file:///opt/medxai/", f"file://{BASE_TORCHSERVE_CONFIG.parent}/")
         if not self.token_auth:
             props["disable_token_authorization"] = "true"
         return props

@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -110,6 +111,7 @@ class EngineHandler:
         self.engine: Engine | None = None
         self.budget: Budget | None = None
         self.initialized = False
+        self._parse_ms = 0.0  # of the current batch, for its Server-Timing header
 
     def initialize(self, context) -> None:
         config = getattr(context, "model_yaml_config", None) or {}
@@ -125,14 +127,22 @@ class EngineHandler:
                  speedups)
 
     def handle(self, data: list[dict], context) -> list:
-        """One answer per row, whatever any row holds: nothing a row sends may escape as a batch-wide 503."""
+        """One answer per row, whatever any row holds: nothing a row sends may escape as a batch-wide 503.
+
+        Each row's ``Server-Timing`` header carries what the engine's ``timing_ms`` cannot hold
+        (the adapter's parse, the JSON encoding of that very body, the whole handler call; docs/api.md).
+        """
+        started = time.perf_counter()
+        self._parse_ms = 0.0
         try:
             results = self._results(data, context)
         except Exception as err:  # noqa: BLE001 -- a bug here would fail the whole batch: answer every row instead
             results = [as_row_error(err, "batch", log)] * len(data)
         out = []
+        json_ms = []
         refused = 0
         for i, result in enumerate(results):
+            encode_started = time.perf_counter()
             try:
                 body = encode_row(result)
                 if not isinstance(result, InputError) and self.budget is not None:
@@ -146,7 +156,12 @@ class EngineHandler:
                 _set_status(context, i, result)
             _set_content_type(context, i)
             out.append(body)
-        log.info("dynamic batch of %d rows, %d refused", len(out), refused)
+            json_ms.append(_ms(encode_started))
+        handler_ms = _ms(started)
+        for i, encoded in enumerate(json_ms):
+            _set_timing(context, i, {"parse": self._parse_ms, "json": encoded, "handler": handler_ms})
+        if refused:
+            log.info("dynamic batch of %d rows, %d refused", len(out), refused)
         return out
 
     def _results(self, data: list[dict], context) -> list[dict | InputError]:
@@ -154,14 +169,28 @@ class EngineHandler:
         if _is_describe(context):  # management API: GET /models/{name}?customized=true
             return [self.engine.describe()]
         requests: list[EngineRequest | InputError] = []
+        started = time.perf_counter()
         for i, row in enumerate(data):
             try:
                 requests.append(parse_row(row or {}, _is_explain(context, i)))
             except Exception as err:  # noqa: BLE001 -- isolated to its row (handlers/errors.as_row_error)
                 requests.append(as_row_error(err, "parse", log))
+        self._parse_ms = _ms(started)
         valid = [r for r in requests if isinstance(r, EngineRequest)]
         results = iter(self.engine.run(valid))
         return [req if isinstance(req, InputError) else next(results) for req in requests]
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
+
+
+def _set_timing(context, idx: int, timing: dict[str, float]) -> None:
+    """W3C Server-Timing (``name;dur=ms``): TorchServe passes a row's headers on to its REST response."""
+    try:
+        context.set_response_header(idx, "Server-Timing", ", ".join(f"{k};dur={v}" for k, v in timing.items()))
+    except Exception:  # noqa: BLE001 -- as _set_status
+        log.debug("could not set the timing header of row %d", idx)
 
 
 def _set_status(context, idx: int, err: InputError) -> None:

@@ -44,7 +44,9 @@ def encode_2d(values: np.ndarray, encoding: str, lo: float | None = None, hi: fl
                 "data": base64.b64encode(values.astype("<f2").tobytes()).decode()}
     q, lo, hi = _scale(values, lo, hi)
     buf = io.BytesIO()
-    Image.fromarray(q).save(buf, format="PNG", optimize=True)
+    # zlib level 3, not optimize=True: on a full mammogram's 908x1400 map 30 ms instead of 680 ms
+    # for 40% more bytes (142 vs 102 KB); the pixels are the same (lossless). Measured for issue 13.
+    Image.fromarray(q).save(buf, format="PNG", compress_level=3)
     return {"encoding": "png", "shape": list(values.shape), "scale": {"min": lo, "max": hi},
             "data": base64.b64encode(buf.getvalue()).decode()}
 

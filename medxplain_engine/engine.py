@@ -97,6 +97,7 @@ class Prepared:
     geometry: Geometry
     meta: dict = field(default_factory=dict)  # reported as the response's ``input`` (format, bits, ...)
     warnings: list[str] = field(default_factory=list)
+    timing_ms: dict[str, float] = field(default_factory=dict)  # "prepare"; reported in the response's timing_ms
 
 
 @dataclass
@@ -200,19 +201,26 @@ class Engine(ABC):
         """infer -> explain -> serialise (-> features) for prepared items; errors pass through in place.
 
         Every stage is isolated per item: whatever one item raises becomes that item's error and the
-        others go on (``infer`` retries a failed batched forward item by item).
+        others go on (``infer`` retries a failed batched forward item by item). Each response's
+        ``timing_ms`` gets the stage times (prepare, forward, units, methods, serialise: docs/api.md).
         """
         results: list[Result | InputError] = list(items)  # type: ignore[arg-type]
         ready = [(i, p) for i, p in enumerate(items) if isinstance(p, Prepared)]
-        for (i, item), inference in zip(ready, self.infer([p for _, p in ready]), strict=True):
+        started = time.perf_counter()
+        inferences = self.infer([p for _, p in ready])
+        forward_ms = _ms(started)  # the batch's forward passes: every item of a dynamic batch shares them
+        for (i, item), inference in zip(ready, inferences, strict=True):
             if isinstance(inference, InputError):
                 results[i] = inference
                 continue
             stage = "explain"
             try:
                 explanation = self.explain(item, inference)
+                explanation.timing_ms = {**item.timing_ms, "forward": forward_ms, **explanation.timing_ms}
                 stage = "serialise"
+                started = time.perf_counter()
                 response = self.serialise(item, inference, explanation)
+                response["timing_ms"]["serialise"] = _ms(started)
                 stage = "features"
                 results[i] = Result(response, self.features(item, inference) if with_features else None)
             except Exception as err:  # noqa: BLE001 -- isolate the item, keep the batch and the worker
@@ -225,12 +233,14 @@ class Engine(ABC):
         Unexpected failures while decoding are the input's fault (422), elsewhere the server's (500).
         """
         stage = "options"
+        started = time.perf_counter()
         try:
             options = self.options(request.params)
             stage = "decode"
             item = self.decode(request.payload, options)
             stage = "budget"
             self.check_budget(item)
+            item.timing_ms["prepare"] = _ms(started)
             return item
         except Exception as err:  # noqa: BLE001 -- one undecodable item must not fail its whole batch
             return as_row_error(err, stage, log)
