@@ -71,7 +71,7 @@ class DDSMEngine(Engine):
     def forward(self, mode: str, items: list[Prepared]) -> list[Inference]:
         if mode == "patch":
             fmap = self.model.features(ddsm_normalise(torch.cat([p.inputs for p in items])[:, 0]))
-            probs = torch.softmax(self.model.fc(self.model.pool(fmap)), dim=1).numpy()
+            probs = torch.softmax(self.model.fc(self.model.pool(fmap)), dim=1).float().cpu().numpy()
             return [Inference(p, f.clone(), int(np.argmax(p))) for p, f in zip(probs, fmap)]
         return [self._full_image(item) for item in items]  # full images differ in size: one pass each
 
@@ -80,7 +80,7 @@ class DDSMEngine(Engine):
         prob_map = torch.softmax(self.model.class_map(fmap), dim=1)[0].flatten(1)  # (classes, positions)
         # The image score per class is the map's maximum (DeepMiner); the reported distribution
         # is the one at the most suspicious position (lowest 'normal' probability).
-        probabilities = prob_map[:, int(torch.argmin(prob_map[0]))].numpy()
+        probabilities = prob_map[:, int(torch.argmin(prob_map[0]))].float().cpu().numpy()
         class_scores = prob_map.amax(dim=1)
         decision = self.bundle.decision
         if decision:
@@ -116,8 +116,8 @@ class DDSMEngine(Engine):
                               class_weights=self.model.fc.weight.detach())
 
     def unit_scores(self, ctx, inference, target):
-        activations = inference.feature_map.flatten(1).amax(dim=1).numpy()
-        return activations, self.model.fc.weight[target].detach().numpy()
+        activations = inference.feature_map.flatten(1).amax(dim=1).cpu().numpy()
+        return activations, self.model.fc.weight[target].detach().cpu().numpy()
 
     def to_sent_frame(self, item: Prepared, maps: np.ndarray) -> np.ndarray:
         """Bilinear back from the analysed size to the sent image's pixels (as the input was resized)."""
