@@ -49,8 +49,9 @@ class DDSMEngine(Engine):
     weight_source = "classifier"
     peak_window = 7  # ~ one 227 px patch at layer4's stride of 32 px
 
-    def __init__(self, bundle: ModelBundle, archive_digest: str) -> None:
-        super().__init__(bundle, archive_digest)
+    def __init__(self, bundle: ModelBundle, archive_digest: str, device: torch.device | str = "cpu",
+                 amp: bool = False) -> None:
+        super().__init__(bundle, archive_digest, device, amp)
         self.scores = {"patch": PatchScore(self.model), "full": FullImageScore(self.model)}
 
     def decode(self, payload: bytes, options: RequestOptions) -> Prepared:

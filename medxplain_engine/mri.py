@@ -41,8 +41,9 @@ class ADNIEngine(Engine):
     default_methods = MRI_DEFAULT
     weight_source = "gradcam"
 
-    def __init__(self, bundle: ModelBundle, archive_digest: str) -> None:
-        super().__init__(bundle, archive_digest)
+    def __init__(self, bundle: ModelBundle, archive_digest: str, device: torch.device | str = "cpu",
+                 amp: bool = False) -> None:
+        super().__init__(bundle, archive_digest, device, amp)
         self.methods = mri_methods()
         self.score = SoftmaxScore(self.model)
         assert bundle.preprocessing is not None, "an MRI bundle carries its normalisation volumes"
