@@ -95,11 +95,15 @@ def model_config(kind: str, device_type: str, folder: Path) -> Path:
         return shipped
     if device_type != "gpu":
         raise ArchiveError("device_type must be cpu or gpu")
-    lines = shipped.read_text().splitlines(keepends=True)
-    out = ["deviceType: gpu\ndeviceIds: [0]\n" if line.startswith("deviceType:") else line for line in lines]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / shipped.name).write_text("".join(out))
+    (folder / shipped.name).write_text(gpu_config(shipped.read_text()))
     return folder / shipped.name
+
+
+def gpu_config(text: str) -> str:
+    """A model-config.yaml's text with its ``deviceType`` line replaced by ``deviceType: gpu`` + ``deviceIds: [0]``."""
+    lines = text.splitlines(keepends=True)
+    return "".join("deviceType: gpu\ndeviceIds: [0]\n" if line.startswith("deviceType:") else line for line in lines)
 
 
 def build_archive(bundle_dir: Path, export_dir: Path, model_name: str | None = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -233,3 +234,37 @@ def test_gpu_release_model_config(tmp_path):
             {k: v for k, v in cpu.items() if k != "deviceType"}
     with pytest.raises(ArchiveError):
         model_config("ddsm", "tpu", tmp_path)
+
+
+def test_bench_gpu_without_cuda_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "devstack.bench_gpu", "--help"], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 0 and "--map-tol" in done.stdout
+    if not NO_CUDA:
+        pytest.skip("this machine has CUDA: the bench would run")
+    done = subprocess.run([sys.executable, "-m", "devstack.bench_gpu", "--build", str(tmp_path)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and "no CUDA device" in done.stderr
+
+
+def test_bench_gpu_repacks_an_archive_for_gpu_workers(ddsm_dir, tmp_path):
+    """The bench serves a copy of the archive whose model-config.yaml says deviceType gpu, with a valid digest."""
+    import yaml
+
+    from devstack.bench_gpu import gpu_archive
+    from medxplain_contract.integrity import verify_archive
+    from model_store.archive import build_archive
+
+    mar = build_archive(ddsm_dir, tmp_path / "cpu")
+    repacked = gpu_archive(mar, tmp_path / "gpu")
+    verify_archive(repacked)  # raises unless its published sha256 matches
+    with zipfile.ZipFile(mar) as a, zipfile.ZipFile(repacked) as b:
+        config = json.loads(a.read("MAR-INF/MANIFEST.json"))["model"]["configFile"]
+        assert yaml.safe_load(a.read(config))["deviceType"] == "cpu"
+        assert yaml.safe_load(b.read(config))["deviceType"] == "gpu"
+        assert sorted(a.namelist()) == sorted(b.namelist())
+        assert all(a.read(n) == b.read(n) for n in a.namelist() if n != config)
