@@ -41,7 +41,7 @@ help:
 	@echo "make demo      set up, synthetic data, train both models, archives, serve, predict, batch runs into MinIO, UI"
 	@echo "make test      set up and run the test suite against real MinIO and TorchServe"
 	@echo "make setup     virtualenv ($(VENV)), MinIO server binary, Java and Chromium checks"
-	@echo "make data | train | archives | serve | stop | bench | clean | ui-env"
+	@echo "make data | train | archives | serve | stop | bench | bench-gpu | clean | ui-env"
 
 setup: $(VENV)/.installed $(MINIO_BIN) check-java check-chromium
 	@# gRPC stubs are generated from the .proto files inside the installed TorchServe jar (never committed)
@@ -132,6 +132,12 @@ bench: $(ARCHIVES)
 	$(PY) -m devstack.bench --build $(BUILD)
 	$(PY) -m devstack.batch_bench --archive $(MAR_DIR)/ddsm.mar --data $(DATA)/ddsm
 	$(PY) -m devstack.load --model-store $(MAR_DIR) --data $(DATA)
+
+# On a machine with CUDA: the engine's per-method latency on GPU vs CPU, GPU/CPU agreement checks
+# (PASS/FAIL, non-zero exit on a failure) and the serving overhead on the GPU. Exits 2 without CUDA.
+.PHONY: bench-gpu
+bench-gpu: $(ARCHIVES)
+	$(PY) -m devstack.bench_gpu --build $(BUILD)
 
 clean:
 	-$(PY) -m devstack stop --state $(BUILD)/stack
