@@ -894,7 +894,7 @@ def test_gpu_variant_agrees(rendered):
     assert pins == {"torch": "torch==2.14.1", "torchvision": "torchvision==0.29.1"}
     for name in ("serve", "batch"):
         text = (DOCKER / name / "Dockerfile").read_text()
-        assert re.search(r"^ARG CUDA=cpu$", text, re.M) and f"ARG TORCH_INDEX_URL={TORCH_INDEX}" in text, name
+        assert re.search(r"^ARG CUDA=cpu$", text, re.MULTILINE) and f"ARG TORCH_INDEX_URL={TORCH_INDEX}" in text, name
         assert "--index-url \"${TORCH_INDEX_URL}\"" in text and "grep -E '^(torch|torchvision)=='" in text, name
     # The shipped archives compute on the CPU; the GPU release is built with --device-type gpu.
     for kind in ("ddsm", "adni"):
