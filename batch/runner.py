@@ -355,8 +355,8 @@ def write_model_objects(out: Bucket, prefix: str, loaded: LoadedArchive) -> None
         objects[rel.model("unit_labels.json")] = (loaded.directory / "unit_labels.json").read_bytes()
     if engine.kind == "ddsm":
         fc = engine.model.fc
-        objects[rel.model("classifier.npz")] = npz_bytes({"weight": fc.weight.detach().numpy().astype(np.float32),
-                                                     "bias": fc.bias.detach().numpy().astype(np.float32)})
+        objects[rel.model("classifier.npz")] = npz_bytes({"weight": fc.weight.detach().cpu().numpy().astype(np.float32),
+                                                     "bias": fc.bias.detach().cpu().numpy().astype(np.float32)})
     objects[manifest.MODEL_RECORD] = json_bytes(record)  # last: the prefix now belongs to this model
     for name, data in objects.items():
         key = RunLayout(prefix).key(name)
