@@ -164,9 +164,11 @@ def test_torchserve_context_gives_the_device_and_amp(ddsm_dir):
     assert assigned_device({"gpu_id": None}) == "cpu"
     assert assigned_device({"gpu_id": 0}) == ("cpu" if NO_CUDA else "cuda:0")
     handler = EngineHandler()
+    threads = torch.get_num_threads()  # initialize sets it process-wide: keep this process's (other tests compare maps)
     context = Context("ddsm", str(ddsm_dir), {}, 1, 0, "0.12.0",
-                      model_yaml_config={"batchSize": 1, "handler": {"amp": True, "torch_num_threads": 1}})
+                      model_yaml_config={"batchSize": 1, "handler": {"amp": True, "torch_num_threads": threads}})
     handler.initialize(context)
+    assert torch.get_num_threads() == threads
     assert handler.engine.device == resolve_device(assigned_device({"gpu_id": 0})) and handler.engine.amp
     (body,) = handler.handle([{"body": patch_png(8)}], context)
     assert json.loads(body)["model"]["precision"] == precision_label(handler.engine.device, True)
