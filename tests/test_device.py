@@ -172,9 +172,10 @@ def test_torchserve_context_gives_the_device_and_amp(ddsm_dir):
     assert handler.engine.device == resolve_device(assigned_device({"gpu_id": 0})) and handler.engine.amp
     (body,) = handler.handle([{"body": patch_png(8)}], context)
     assert json.loads(body)["model"]["precision"] == precision_label(handler.engine.device, True)
-    bad = Context("ddsm", str(ddsm_dir), {}, 1, None, "0.12.0", model_yaml_config={"handler": {"amp": "maybe"}})
+    bad = Context("ddsm", str(ddsm_dir), {}, 1, None, "0.12.0", model_yaml_config={"handler": {"amp": "maybe", "torch_num_threads": threads}})
     with pytest.raises(DeviceError, match="handler.amp"):
         EngineHandler().initialize(bad)
+    assert torch.get_num_threads() == threads
 
 
 def test_batch_help_names_device_and_amp(capsys):
