@@ -41,7 +41,7 @@ help:
 	@echo "make demo      set up, synthetic data, train both models, archives, serve, predict, batch runs into MinIO, UI"
 	@echo "make test      set up and run the test suite against real MinIO and TorchServe"
 	@echo "make setup     virtualenv ($(VENV)), MinIO server binary, Java and Chromium checks"
-	@echo "make data | train | archives | serve | stop | bench | bench-scale | clean | ui-env"
+	@echo "make data | train | archives | serve | stop | bench | bench-scale | bench-gpu | clean | ui-env"
 
 setup: $(VENV)/.installed $(MINIO_BIN) check-java check-chromium
 	@# gRPC stubs are generated from the .proto files inside the installed TorchServe jar (never committed)
@@ -141,6 +141,12 @@ bench: $(ARCHIVES)
 bench-scale:
 	$(PY) -m devstack.bench_similarity --full
 	$(PY) -m devstack.bench_merge --full
+
+# On a machine with CUDA: the engine's per-method latency on GPU vs CPU, GPU/CPU agreement checks
+# (PASS/FAIL, non-zero exit on a failure) and the serving overhead on the GPU. Exits 2 without CUDA.
+.PHONY: bench-gpu
+bench-gpu: $(ARCHIVES)
+	$(PY) -m devstack.bench_gpu --build $(BUILD)
 
 clean:
 	-$(PY) -m devstack stop --state $(BUILD)/stack

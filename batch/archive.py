@@ -84,7 +84,7 @@ def safe_extract(mar: Path, dest: Path) -> None:
                 shutil.copyfileobj(src, out)
 
 
-def load_archive(mar: Path, expected_kind: str | None = None) -> LoadedArchive:
+def load_archive(mar: Path, expected_kind: str | None = None, device: str = "cpu", amp: bool = False) -> LoadedArchive:
     mar = Path(mar)
     if not mar.is_file():
         raise ArchiveError(f"model archive not found: {mar}")
@@ -98,7 +98,7 @@ def load_archive(mar: Path, expected_kind: str | None = None) -> LoadedArchive:
         if not (directory / "model.json").is_file():
             raise ArchiveError(f"{mar} holds no model.json: not a MedXplain model archive")
         record = check_engine_code(mar, directory)
-        engine = Engine.from_model_dir(directory)
+        engine = Engine.from_model_dir(directory, device, amp)
         if expected_kind and engine.kind != expected_kind:
             raise ArchiveError(f"{mar} is a {engine.kind!r} model, but --model {expected_kind} was given")
         return LoadedArchive(mar, sha256, engine, directory, record, handler_settings(directory))

@@ -25,9 +25,10 @@ from batch.pseudonyms import PseudonymError
 from batch.runner import RunOptions, UsageError, run_batch
 from batch.sources import SourceError
 from medxplain_contract.storage import S3ConfigError, StorageConfigError, StorageUnavailable
+from medxplain_engine.device import DEVICE_CHOICES, DeviceError, resolve_device
 
 USER_ERRORS = (UsageError, ArchiveError, SourceError, S3ConfigError, StorageConfigError, MergeError,
-               FingerprintMismatch, PseudonymError)
+               FingerprintMismatch, PseudonymError, DeviceError)
 
 
 def _shard(value: str) -> tuple[int, int]:
@@ -48,6 +49,15 @@ def _positive(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return number
+
+
+def _device(value: str) -> str:
+    """Checked before anything is read or written: a bad or absent device is a usage error (exit 2)."""
+    try:
+        resolve_device(value)
+    except DeviceError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value.strip().lower()
 
 
 def _non_negative(value: str) -> int:
@@ -81,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eager", action="store_true",
                      help="leave out the CPU speed-ups the archive's model-config turns on (DDSM channels-last; "
                           "results differ within float32 rounding)")
+    run.add_argument("--device", type=_device, default="cpu", metavar=DEVICE_CHOICES,
+                     help="where the engine computes (default cpu; auto = CUDA when available). A resume must "
+                          "use the same device type: a run's items are all CPU or all CUDA results")
+    run.add_argument("--amp", action="store_true",
+                     help="mixed precision (autocast: fp16 on CUDA, bf16 on CPU) for the forward pass when "
+                          "--explain is empty; recorded in each result's model.precision and the run's fingerprint")
     run.add_argument("--io-threads", type=_positive, default=4, help="threads for reading and uploading")
     run.add_argument("--s3-env", type=Path, metavar="FILE", help="KEY=VALUE file with MEDXAI_S3_* settings")
     run.add_argument("--id-key-file", type=Path, metavar="FILE",
@@ -133,8 +149,8 @@ def _run(args: argparse.Namespace) -> int:
                          shards=count, labels=args.labels, split=args.split, batch_size=args.batch_size, top_k=args.top_k,
                          threads=args.threads, io_threads=args.io_threads, s3_env=args.s3_env,
                          progress=not args.no_progress, merge=not args.no_merge,
-                         id_key=_id_key(args.id_key_file), max_attempts=args.max_attempts,
-                         eager=args.eager)
+                         id_key=_id_key(args.id_key_file), max_attempts=args.max_attempts, device=args.device,
+                         amp=args.amp, eager=args.eager)
     result = run_batch(options)
     print(result.summary_line())
     for item_id, code in sorted(result.failed.items()):

@@ -49,6 +49,7 @@ from medxplain_contract.storage import (
     parse_s3_url,
     sha256_bytes,
 )
+from medxplain_engine.device import describe_device
 from medxplain_engine.engine import API_VERSION, EngineRequest, Prepared
 
 log = logging.getLogger(__name__)
@@ -81,12 +82,14 @@ class RunOptions:
     id_key: bytes | None = field(default=None, repr=False)  # None: the run's own random key
     max_attempts: int = 3  # attempts that killed the process before an item goes to failures/
     eager: bool = False  # True: leave out the CPU speed-ups the archive's model-config turns on (as served)
+    device: str = "cpu"  # "auto" | "cpu" | "cuda" | "cuda:N" (medxplain_engine/device.py)
+    amp: bool = False  # autocast for forward-only items (no --explain); result-changing, so fingerprinted
 
     def arguments(self) -> dict:
         return {"model": self.model, "archive": str(self.archive), "input": self.input, "output": self.output,
                 "explain": list(self.explain), "shard": f"{self.shard}/{self.shards}",
                 "labels": str(self.labels) if self.labels else None, "split": self.split, "batch_size": self.batch_size,
-                "top_k": self.top_k, "threads": self.threads}
+                "top_k": self.top_k, "threads": self.threads, "device": self.device, "amp": self.amp}
 
 
 @dataclass
@@ -353,8 +356,8 @@ def write_model_objects(out: Bucket, prefix: str, loaded: LoadedArchive) -> None
         objects[rel.model("unit_labels.json")] = (loaded.directory / "unit_labels.json").read_bytes()
     if engine.kind == "ddsm":
         fc = engine.model.fc
-        objects[rel.model("classifier.npz")] = npz_bytes({"weight": fc.weight.detach().numpy().astype(np.float32),
-                                                     "bias": fc.bias.detach().numpy().astype(np.float32)})
+        objects[rel.model("classifier.npz")] = npz_bytes({"weight": fc.weight.detach().cpu().numpy().astype(np.float32),
+                                                     "bias": fc.bias.detach().cpu().numpy().astype(np.float32)})
     objects[manifest.MODEL_RECORD] = json_bytes(record)  # last: the prefix now belongs to this model
     for name, data in objects.items():
         key = RunLayout(prefix).key(name)
@@ -379,7 +382,7 @@ def run_batch(options: RunOptions) -> ShardResult:
     bucket_name, prefix = parse_s3_url(options.output)
     out = Bucket(config, bucket_name, options.retry)
     out.ensure(create=True)
-    loaded = load_archive(options.archive, options.model)
+    loaded = load_archive(options.archive, options.model, options.device, options.amp)
     writer = Writer(out, prefix)
     try:
         if options.threads:
@@ -396,7 +399,8 @@ def run_batch(options: RunOptions) -> ShardResult:
         write_model_objects(out, prefix, loaded)
         fingerprint = check_or_record(out, prefix, {
             "archive_digest": loaded.archive_digest, "api_version": API_VERSION, "kind": loaded.engine.kind,
-            **asdict(shard_run.request_options), "split": options.split, "truth": truth_origin})
+            **asdict(shard_run.request_options), "split": options.split, "truth": truth_origin,
+            **compute_fingerprint(loaded.engine.device, options.amp)})
         record_sources(out, prefix, {i.item_id: i.key for i in items}, pseudonyms.cases)
         mine = [i for i in items if shard_of(i.item_id, options.shards) == options.shard]
         complete = manifest.listed_ids(out, prefix, "items", "/" + COMPLETE)
@@ -419,7 +423,8 @@ def run_batch(options: RunOptions) -> ShardResult:
                    "started": started_wall, "ended": manifest.now(), "seconds": round(result.seconds, 3),
                    "items_per_second": round(result.items_per_second, 3), "arguments": options.arguments(),
                    "archive_sha256": loaded.sha256, "archive_digest": loaded.archive_digest,
-                   "engine": loaded.engine_record, "fingerprint": fingerprint,
+                   "engine": loaded.engine_record, "device": describe_device(loaded.engine.device),
+                   "amp": options.amp, "fingerprint": fingerprint,
                    "code_version": manifest.code_version(), "truth": truth_origin, "source_items": len(items)}
         try:
             write_summary(out, summary_key, summary, changed=bool(todo))
@@ -439,6 +444,23 @@ def run_batch(options: RunOptions) -> ShardResult:
     finally:
         writer.stop()
         loaded.close()
+
+
+def compute_fingerprint(device: torch.device, amp: bool) -> dict:
+    """The fingerprint's share of where and how a run computes: the device *type* and amp, each only when
+    not the default (so CPU fp32 runs keep the fingerprint they had before devices existed).
+
+    A resume on another device type is refused: GPU results differ from CPU ones within tolerance (not
+    bit for bit), and a run's merged analyses (similarity index, unit atlas, metrics) must not mix the
+    two. cuda:0 vs cuda:1 is the same computation and may resume each other; the exact device (and
+    GPU model) of each invocation is kept in its shard summary.
+    """
+    out: dict = {}
+    if device.type != "cpu":
+        out["device"] = device.type
+    if amp:
+        out["amp"] = True
+    return out
 
 
 def result_dict(result: ShardResult) -> dict:

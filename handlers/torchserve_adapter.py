@@ -18,6 +18,7 @@ import torch
 
 from medxplain_contract.errors import InputError, as_row_error
 from medxplain_engine.budget import Budget
+from medxplain_engine.device import parse_bool
 from medxplain_engine.engine import Engine, EngineRequest
 from medxplain_engine.version import engine_record
 
@@ -104,6 +105,15 @@ def encode_row(result: dict | InputError) -> bytes:
     return json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
+def assigned_device(properties: dict) -> str:
+    """The device TorchServe assigned this worker, as its own BaseHandler reads it: ``cuda:<gpu_id>`` when
+    CUDA is available and the frontend gave a ``gpu_id`` (model-config.yaml ``deviceType: gpu``), else the CPU."""
+    gpu_id = properties.get("gpu_id")
+    if torch.cuda.is_available() and gpu_id is not None:
+        return f"cuda:{int(gpu_id)}"
+    return "cpu"
+
+
 class EngineHandler:
     """TorchServe custom handler: ``initialize(context)`` + ``handle(data, context)``."""
 
@@ -117,14 +127,16 @@ class EngineHandler:
         config = getattr(context, "model_yaml_config", None) or {}
         settings = config.get("handler", {}) or {}
         torch.set_num_threads(int(settings.get("torch_num_threads", 1)))
-        self.engine = Engine.from_model_dir(Path(context.system_properties["model_dir"]))
+        device = assigned_device(context.system_properties)
+        self.engine = Engine.from_model_dir(Path(context.system_properties["model_dir"]), device,
+                                            amp=parse_bool(settings.get("amp", False), "handler.amp"))
         speedups = self.engine.apply_speed_settings(settings)  # and warm-up: not on the first request
         unit = "Mpx-passes" if self.engine.kind == "ddsm" else "Mvoxel-passes"
         self.budget = Budget.from_settings(settings, int(config.get("batchSize", 1)), online=True, unit=unit)
         self.engine.budget = self.budget
         self.initialized = True
-        log.info("loaded %s; engine %s; budget %s; speed-ups %s", self.engine.model_info(), engine_record(), self.budget,
-                 speedups)
+        log.info("loaded %s; engine %s; device %s; amp %s; budget %s; speed-ups %s", self.engine.model_info(),
+                 engine_record(), self.engine.device, self.engine.amp, self.budget, speedups)
 
     def handle(self, data: list[dict], context) -> list:
         """One answer per row, whatever any row holds: nothing a row sends may escape as a batch-wide 503.

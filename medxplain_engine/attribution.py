@@ -55,6 +55,7 @@ class ExplainContext:
     atlas_labels: np.ndarray | None = None
     voxel_mm: float = 1.0  # MRI grid spacing: occlusion defaults are given in mm
     logit_model: nn.Module | None = None  # pre-softmax scores, when score_model is a probability
+    atlas_mask: torch.Tensor | None = None  # (1, 1, *spatial) int64 atlas labels on the inputs' device
 
     @property
     def gradcam_model(self) -> nn.Module:
@@ -73,7 +74,7 @@ def upsample(fmap: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 
 
 def _to_numpy(attr: torch.Tensor) -> np.ndarray:
-    return attr.detach().reshape(attr.shape[-len(attr.shape) + 2:]).float().numpy()
+    return attr.detach().reshape(attr.shape[-len(attr.shape) + 2:]).float().cpu().numpy()
 
 
 class Attribution(ABC):
@@ -101,7 +102,7 @@ class CAM(Attribution):
     def attribute(self, ctx, target, options):
         assert ctx.feature_map is not None and ctx.class_weights is not None
         cam = torch.einsum("u...,u->...", ctx.feature_map.float(), ctx.class_weights[target].float())
-        return upsample(cam[None], ctx.spatial)[0].numpy()
+        return upsample(cam[None], ctx.spatial)[0].cpu().numpy()
 
 
 class GradCAM(Attribution):
@@ -205,7 +206,8 @@ class AreaOcclusion(Attribution):
     def attribute(self, ctx, target, options):
         if ctx.atlas_labels is None:
             raise InputError("unsupported_method", "this model has no atlas; area_occlusion is unavailable")
-        mask = torch.from_numpy(ctx.atlas_labels.astype(np.int64))[None, None]
+        mask = ctx.atlas_mask if ctx.atlas_mask is not None else torch.from_numpy(
+            ctx.atlas_labels.astype(np.int64))[None, None].to(ctx.inputs.device)
         attr = FeatureAblation(ctx.score_model).attribute(ctx.inputs, baselines=0, target=target,
                                                           feature_mask=mask, perturbations_per_eval=2)
         return np.clip(_to_numpy(attr), 0, None)
@@ -217,7 +219,7 @@ class UnitMaps:
     @staticmethod
     def compute(ctx: ExplainContext, units: list[int]) -> np.ndarray:
         assert ctx.feature_map is not None
-        return upsample(ctx.feature_map[units].float(), ctx.spatial).numpy()
+        return upsample(ctx.feature_map[units].float(), ctx.spatial).cpu().numpy()
 
 
 DDSM_METHODS: dict[str, Attribution] = {m.name: m for m in (

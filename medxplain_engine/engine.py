@@ -29,6 +29,7 @@ from medxplain_contract.errors import InputError, as_row_error
 from medxplain_contract.finite import finite_json
 from medxplain_engine.attribution import Attribution, ExplainContext, UnitMaps
 from medxplain_engine.budget import Budget, CostInput
+from medxplain_engine.device import FP32, autocast, precision_label, resolve_device
 from medxplain_engine.features import ItemFeatures, extract_features
 from medxplain_engine.options import RequestOptions, parse_options
 from medxplain_engine.units import rank_units
@@ -110,6 +111,7 @@ class Inference:
     decision: dict | None = None  # full mammograms: ``prediction.decision`` (medxplain_models.decision)
     class_scores: dict[str, float] | None = None  # full mammograms: each class's class-map maximum
     class_map: torch.Tensor | None = None  # full mammograms: (classes, *cells) class-probability map
+    precision: str = FP32  # "fp16-autocast" / "bf16-autocast" when the forward ran under autocast (``amp``)
 
 
 @dataclass
@@ -143,9 +145,12 @@ class Engine(ABC):
     weight_source: str  # what a unit's ``weight`` is (medxplain_engine/units.py)
     peak_window: int | None = None  # cells per side of ItemFeatures.peak_maps (2D models)
 
-    def __init__(self, bundle: ModelBundle, archive_digest: str) -> None:
+    def __init__(self, bundle: ModelBundle, archive_digest: str, device: torch.device | str = "cpu",
+                 amp: bool = False) -> None:
         self.bundle = bundle
-        self.model = bundle.model.eval()
+        self.device = resolve_device(device)  # model, inputs and every stage's tensors live here
+        self.amp = amp  # autocast for forward-only items (medxplain_engine/device.py); explanations stay fp32
+        self.model = bundle.model.eval().to(self.device)
         for module in self.model.modules():  # in-place ReLUs break Captum's backward hooks
             if isinstance(module, nn.ReLU):
                 module.inplace = False
@@ -154,15 +159,16 @@ class Engine(ABC):
         self.budget = Budget()  # batch defaults; the online adapter installs the serving budget
 
     @staticmethod
-    def from_model_dir(model_dir: Path) -> Engine:
-        """Load an unpacked archive (TorchServe's model_dir or the batch job's extraction)."""
+    def from_model_dir(model_dir: Path, device: torch.device | str = "cpu", amp: bool = False) -> Engine:
+        """Load an unpacked archive (TorchServe's model_dir or the batch job's extraction) onto ``device``
+        ("auto" | "cpu" | "cuda" | "cuda:N"; raises DeviceError for a bad or absent one)."""
         from medxplain_engine.mammo import DDSMEngine  # the two halves import this module
         from medxplain_engine.mri import ADNIEngine
 
-        model_dir = Path(model_dir)
-        bundle = ModelBundle.load(model_dir)
+        model_dir, device = Path(model_dir), resolve_device(device)
+        bundle = ModelBundle.load(model_dir, device)
         engine_cls = {"ddsm": DDSMEngine, "adni": ADNIEngine}[bundle.kind]
-        return engine_cls(bundle, content_digest(model_dir))
+        return engine_cls(bundle, content_digest(model_dir), device, amp)
 
     def apply_speed_settings(self, settings: dict) -> dict:
         """CPU speed-ups named under ``handler:`` (DDSM: ``mammo.DDSMEngine``); none here. Returns what applied."""
@@ -238,6 +244,7 @@ class Engine(ABC):
             options = self.options(request.params)
             stage = "decode"
             item = self.decode(request.payload, options)
+            item.inputs = item.inputs.to(self.device)  # decoded on the host, analysed on the engine's device
             stage = "budget"
             self.check_budget(item)
             item.timing_ms["prepare"] = _ms(started)
@@ -292,10 +299,10 @@ class Engine(ABC):
     def infer(self, items: list[Prepared]) -> list[Inference | InputError]:
         """Forward passes, batched by mode; a failed batch is retried item by item so only the guilty item fails."""
         out: list[Inference | InputError | None] = [None] * len(items)
-        for mode in sorted({p.mode for p in items}):
-            idx = [i for i, p in enumerate(items) if p.mode == mode]
+        for mode, amp in sorted({(p.mode, self.uses_amp(p)) for p in items}):
+            idx = [i for i, p in enumerate(items) if p.mode == mode and self.uses_amp(p) == amp]
             try:
-                for i, inference in zip(idx, self.forward(mode, [items[i] for i in idx]), strict=True):
+                for i, inference in zip(idx, self._forward(mode, [items[i] for i in idx], amp), strict=True):
                     out[i] = inference
                 continue
             except Exception as err:  # noqa: BLE001 -- isolated to its row (medxplain_contract/errors.as_row_error)
@@ -306,10 +313,29 @@ class Engine(ABC):
                             type(err).__name__)
             for i in idx:
                 try:
-                    out[i] = self.forward(mode, [items[i]])[0]
+                    out[i] = self._forward(mode, [items[i]], amp)[0]
                 except Exception as err:  # noqa: BLE001 -- isolated to its row
                     out[i] = as_row_error(err, "forward", log)
         return out  # type: ignore[return-value]
+
+    def uses_amp(self, item: Prepared) -> bool:
+        """Autocast only the forward-only path: an item asking for heatmaps or unit maps is forwarded in fp32."""
+        return self.amp and not item.options.explain and not item.options.unit_maps
+
+    def _forward(self, mode: str, items: list[Prepared], amp: bool) -> list[Inference]:
+        """:meth:`forward`, under autocast when ``amp``; what it keeps for later stages is cast back to fp32."""
+        if not amp:
+            return self.forward(mode, items)
+        with autocast(self.device, True):
+            inferences = self.forward(mode, items)
+        label = precision_label(self.device, True)
+        for inference in inferences:
+            inference.feature_map = inference.feature_map.float()
+            if inference.class_map is not None:
+                inference.class_map = inference.class_map.float()
+            inference.probabilities = np.asarray(inference.probabilities, dtype=np.float32)
+            inference.precision = label
+        return inferences
 
     @abstractmethod
     def forward(self, mode: str, items: list[Prepared]) -> list[Inference]:
@@ -373,7 +399,7 @@ class Engine(ABC):
         names = self.bundle.class_names
         predicted, target = inference.label_index, explanation.target
         response = {
-            "api_version": API_VERSION, "model": self.model_info(),
+            "api_version": API_VERSION, "model": {**self.model_info(), "precision": inference.precision},
             "prediction": {"label": names[predicted], "label_index": predicted,
                            "probabilities": {n: float(p) for n, p in zip(names, inference.probabilities)},
                            **({"decision": inference.decision} if inference.decision else {})},

@@ -47,23 +47,28 @@ class ItemFeatures:
 def extract_features(feature_map: torch.Tensor, analysed: torch.Tensor, window: int | None,
                      class_weights: torch.Tensor | None = None, class_map: torch.Tensor | None = None) -> ItemFeatures:
     """feature_map (units, *cells); analysed (1, 1, *pixels); window = cells per side of peak_maps (2D only);
-    class_weights (classes, units) of a linear classifier on the pooled features, if the model has one."""
+    class_weights (classes, units) of a linear classifier on the pooled features, if the model has one.
+    Computed on the tensors' device; only the results are copied to the host."""
     fmap = feature_map.detach().float()
     spatial = tuple(fmap.shape[1:])
     flat = fmap.flatten(1)
     pooled, where = flat.max(dim=1)
-    peak = np.stack(np.unravel_index(where.numpy(), spatial), axis=1).astype(np.int32)
+    peak = np.stack(np.unravel_index(where.cpu().numpy(), spatial), axis=1).astype(np.int32)
     pixels = tuple(analysed.shape[2:])
     cell_size = tuple(p / c for p, c in zip(pixels, spatial))
     peak_maps = None
     if window is not None and len(spatial) == 2:
         # A window x window crop centred on the peak, zero outside the map: the unit's map over
-        # the patch the atlas shows. Cut by hand: torchvision's crop works per image, not per unit.
+        # the patch the atlas shows. Cut by hand: torchvision's crop works per image, not per unit;
+        # one gather for all units (rows r..r+window-1 of the padded map), so a GPU copies once.
         half = window // 2
         padded = torch.nn.functional.pad(fmap, (half, half, half, half))
-        peak_maps = np.stack([padded[u, r:r + window, c:c + window].numpy() for u, (r, c) in enumerate(peak)])
-        peak_maps = peak_maps.astype(np.float16)
-    contributions = None if class_weights is None else (class_weights.detach().float() * pooled[None]).numpy()
-    return ItemFeatures(pooled.numpy().astype(np.float32), peak, spatial, cell_size, peak_maps,
-                        analysed[0, 0].detach().float().numpy(), contributions,
-                        None if class_map is None else class_map.detach().float().numpy())
+        offsets = torch.arange(window, device=fmap.device)
+        corner = torch.from_numpy(peak.astype(np.int64)).to(fmap.device)
+        rows, cols = corner[:, 0, None] + offsets, corner[:, 1, None] + offsets
+        units = torch.arange(len(peak), device=fmap.device)[:, None, None]
+        peak_maps = padded[units, rows[:, :, None], cols[:, None, :]].cpu().numpy().astype(np.float16)
+    contributions = None if class_weights is None else (class_weights.detach().float() * pooled[None]).cpu().numpy()
+    return ItemFeatures(pooled.cpu().numpy().astype(np.float32), peak, spatial, cell_size, peak_maps,
+                        analysed[0, 0].detach().float().cpu().numpy(), contributions,
+                        None if class_map is None else class_map.detach().float().cpu().numpy())

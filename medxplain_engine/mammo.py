@@ -56,8 +56,9 @@ class DDSMEngine(Engine):
     weight_source = "classifier"
     peak_window = 7  # ~ one 227 px patch at layer4's stride of 32 px
 
-    def __init__(self, bundle: ModelBundle, archive_digest: str) -> None:
-        super().__init__(bundle, archive_digest)
+    def __init__(self, bundle: ModelBundle, archive_digest: str, device: torch.device | str = "cpu",
+                 amp: bool = False) -> None:
+        super().__init__(bundle, archive_digest, device, amp)
         self.scores = {"patch": PatchScore(self.model), "full": FullImageScore(self.model)}
         self.trunk: Callable[[torch.Tensor], torch.Tensor] = self.model.features  # the forward pass's layer4 map
         self.speedups = SpeedSettings()
@@ -79,7 +80,7 @@ class DDSMEngine(Engine):
         started = time.perf_counter()
         if self.speedups.warm_up:
             for mode, size in (("patch", (PATCH_SIZE, PATCH_SIZE)), ("full", (FULL_IMAGE_SHORT_SIDE, 1400))):
-                self.forward(mode, [Prepared(torch.zeros(1, 1, *size), mode, self.options({}), Geometry2D(size, size))])
+                self.forward(mode, [Prepared(torch.zeros(1, 1, *size, device=self.device), mode, self.options({}), Geometry2D(size, size))])
         return {**self.speedups.to_dict(), "warm_up_s": round(time.perf_counter() - started, 2)}
 
     def decode(self, payload: bytes, options: RequestOptions) -> Prepared:
@@ -100,7 +101,7 @@ class DDSMEngine(Engine):
     def forward(self, mode: str, items: list[Prepared]) -> list[Inference]:
         if mode == "patch":
             fmap = self.trunk(ddsm_normalise(torch.cat([p.inputs for p in items])[:, 0]))
-            probs = torch.softmax(self.model.fc(self.model.pool(fmap)), dim=1).numpy()
+            probs = torch.softmax(self.model.fc(self.model.pool(fmap)), dim=1).float().cpu().numpy()
             return [Inference(p, f.clone(), int(np.argmax(p))) for p, f in zip(probs, fmap)]
         return [self._full_image(item) for item in items]  # full images differ in size: one pass each
 
@@ -109,7 +110,7 @@ class DDSMEngine(Engine):
         prob_map = torch.softmax(self.model.class_map(fmap), dim=1)[0].flatten(1)  # (classes, positions)
         # The image score per class is the map's maximum (DeepMiner); the reported distribution
         # is the one at the most suspicious position (lowest 'normal' probability).
-        probabilities = prob_map[:, int(torch.argmin(prob_map[0]))].numpy()
+        probabilities = prob_map[:, int(torch.argmin(prob_map[0]))].float().cpu().numpy()
         class_scores = prob_map.amax(dim=1)
         decision = self.bundle.decision
         if decision:
@@ -145,8 +146,8 @@ class DDSMEngine(Engine):
                               class_weights=self.model.fc.weight.detach())
 
     def unit_scores(self, ctx, inference, target):
-        activations = inference.feature_map.flatten(1).amax(dim=1).numpy()
-        return activations, self.model.fc.weight[target].detach().numpy()
+        activations = inference.feature_map.flatten(1).amax(dim=1).cpu().numpy()
+        return activations, self.model.fc.weight[target].detach().cpu().numpy()
 
     def to_sent_frame(self, item: Prepared, maps: np.ndarray) -> np.ndarray:
         """Bilinear back from the analysed size to the sent image's pixels (as the input was resized)."""

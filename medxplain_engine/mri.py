@@ -41,12 +41,16 @@ class ADNIEngine(Engine):
     default_methods = MRI_DEFAULT
     weight_source = "gradcam"
 
-    def __init__(self, bundle: ModelBundle, archive_digest: str) -> None:
-        super().__init__(bundle, archive_digest)
+    def __init__(self, bundle: ModelBundle, archive_digest: str, device: torch.device | str = "cpu",
+                 amp: bool = False) -> None:
+        super().__init__(bundle, archive_digest, device, amp)
         self.methods = mri_methods()
         self.score = SoftmaxScore(self.model)
         assert bundle.preprocessing is not None, "an MRI bundle carries its normalisation volumes"
         self.prep = bundle.preprocessing
+        atlas = bundle.atlas  # area occlusion's feature mask, held once on the engine's device
+        self.atlas_mask = None if atlas is None else torch.from_numpy(
+            atlas.labels.astype(np.int64))[None, None].to(self.device)
 
     def decode(self, payload: bytes, options: RequestOptions) -> Prepared:
         volume = decode_volume(payload)
@@ -79,7 +83,7 @@ class ADNIEngine(Engine):
     @torch.inference_mode()
     def forward(self, mode: str, items: list[Prepared]) -> list[Inference]:
         fmap = self.model.features(torch.cat([p.inputs for p in items]))
-        probs = torch.softmax(self.model.head(fmap), dim=1).numpy()
+        probs = torch.softmax(self.model.head(fmap), dim=1).float().cpu().numpy()
         return [Inference(p, f.clone(), int(np.argmax(p))) for p, f in zip(probs, fmap)]
 
     @property
@@ -106,7 +110,7 @@ class ADNIEngine(Engine):
         return ExplainContext(score_model=self.score, logit_model=self.model, explained_layer=self.model.relu_4,
                               inputs=item.inputs.clone(), feature_map=inference.feature_map,
                               brain_mask=self.prep.brain_mask, atlas_labels=None if atlas is None else atlas.labels,
-                              voxel_mm=self.voxel_mm)
+                              voxel_mm=self.voxel_mm, atlas_mask=self.atlas_mask)
 
     def unit_scores(self, ctx, inference, target):
         """Grad-CAM weights of the target logit: only the cheap head (pool + dense layers) is differentiated."""
@@ -114,8 +118,8 @@ class ADNIEngine(Engine):
         with torch.enable_grad():
             logit = self.model.head(fmap)[0, target]
             (grad,) = torch.autograd.grad(logit, fmap)
-        activations = inference.feature_map.flatten(1).amax(dim=1).numpy()
-        return activations, grad[0].flatten(1).mean(dim=1).numpy()
+        activations = inference.feature_map.flatten(1).amax(dim=1).cpu().numpy()
+        return activations, grad[0].flatten(1).mean(dim=1).cpu().numpy()
 
     def region_table(self, relevance: np.ndarray) -> list[dict] | None:
         atlas = self.bundle.atlas

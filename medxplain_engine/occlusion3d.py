@@ -19,6 +19,12 @@ cheap head sees the whole (patched) last-block map. The windows of a batch share
 whole map (large cubes, deep layers) the crop is the whole map, i.e. that layer is recomputed in
 full. Boxes are recomputed exactly, so the map equals the full recomputation
 (``occlusion_map_reference``) up to float32 rounding.
+
+Where it runs: a volume on the CPU is worked on as numpy arrays between convs (see ``_Cache``); a
+volume on a GPU stays a torch tensor on that device throughout (the same crops, pastes and
+BN/ReLU as in-place tensor ops, max-pooling by ``F.max_pool3d``), so no activation crosses to the
+host and only the drops come back. ``incremental_drops(..., backend="torch")`` runs the tensor
+path on the CPU too (the tests compare it with the numpy path there).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.ndimage import maximum_filter, zoom
 
 from medxplain_engine.budget import TooExpensive
@@ -40,6 +47,7 @@ REFERENCE_BATCH = 4
 CROP_BUDGET = 2**24  # block-1 output elements per incremental batch (64 MB in fp32)
 
 Window = tuple[tuple[int, ...], tuple[slice, ...]]
+Array = np.ndarray | torch.Tensor  # numpy on the CPU path, a tensor on the engine's device otherwise
 
 
 def window_grid(shape: tuple[int, ...], size: int, stride: int) -> list[Window]:
@@ -90,7 +98,7 @@ def reference_drops(model: torch.nn.Module, volume: torch.Tensor, target: int, w
         batch = volume.repeat(len(chunk), 1, 1, 1, 1)
         for b, (_, sl) in enumerate(chunk):
             batch[(b, 0, *sl)] = 0.0
-        drops[start:start + len(chunk)] = base - _probability(model, batch, target).numpy()
+        drops[start:start + len(chunk)] = base - _probability(model, batch, target).cpu().numpy()
     return drops
 
 
@@ -108,8 +116,8 @@ def occlusion_map_reference(model: torch.nn.Module, volume: torch.Tensor, target
 class _Patch:
     """Recomputed boxes of one layer's map for a batch of windows (same extent for all, so they stack)."""
 
-    lo: np.ndarray  # (B, 3) box corner in the layer's map
-    values: np.ndarray  # (B, C, *extent)
+    lo: np.ndarray  # (B, 3) box corner in the layer's map (host integers on every device)
+    values: Array  # (B, C, *extent)
 
     @property
     def extent(self) -> np.ndarray:
@@ -122,28 +130,45 @@ class _Cache:
 
     Held, and worked on between convs, as numpy arrays: crops, pastes, BN/ReLU and pooling are many
     small memory-bound ops, which numpy runs on one thread, while torch spreads each over its OpenMP
-    pool and stalls whenever another process holds a core.
+    pool and stalls whenever another process holds a core. On a GPU they are tensors on its device.
     """
 
-    inputs: list[np.ndarray]  # (1, C, *n) each
-    blocks: list[np.ndarray]
+    inputs: list[Array]  # (1, C, *n) each
+    blocks: list[Array]
 
 
-def _block(model: ClassificationModel3D, i: int, x: np.ndarray) -> np.ndarray:
+def _empty(like: Array, shape: tuple[int, ...]) -> Array:
+    """An uninitialised map of ``like``'s kind, dtype and device."""
+    if isinstance(like, np.ndarray):
+        return np.empty(shape, dtype=like.dtype)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _as_tensor(x: Array) -> torch.Tensor:
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+
+def _block(model: ClassificationModel3D, i: int, x: Array) -> Array:
     """``model.block(i, x)``: the conv in torch, then BatchNorm (eval: a per-channel affine map) and ReLU
     in place, which saves two copies of the largest maps."""
     bn = getattr(model, f"Conv_{i}_bn")
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
+    if not isinstance(x, np.ndarray):  # the tensor path: same affine map and ReLU, in place on the device
+        y = getattr(model, f"Conv_{i}")(x)
+        y.mul_(scale[:, None, None, None]).add_(shift[:, None, None, None])
+        return y.clamp_(min=0)
     y = getattr(model, f"Conv_{i}")(torch.from_numpy(x)).numpy()
     np.multiply(y, scale.numpy()[:, None, None, None], out=y)
     np.add(y, shift.numpy()[:, None, None, None], out=y)
     return np.maximum(y, 0, out=y)
 
 
-def _max_pool(x: np.ndarray, p: int) -> np.ndarray:
+def _max_pool(x: Array, p: int) -> Array:
     """``MaxPool3d(p)`` of a map whose extent is a multiple of p, as p^3 strided maxima: 2-4x faster
-    than torch's 3D max-pool, which also computes indices."""
+    than torch's 3D max-pool, which also computes indices (tensors on a GPU use torch's)."""
+    if not isinstance(x, np.ndarray):
+        return F.max_pool3d(x, p)
     b, c, d, h, w = x.shape
     views = x.reshape(b, c, d // p, p, h // p, p, w // p, p)
     out = views[:, :, :, 0, :, 0, :, 0].copy()
@@ -152,19 +177,19 @@ def _max_pool(x: np.ndarray, p: int) -> np.ndarray:
     return out
 
 
-def _full_block(model: ClassificationModel3D, i: int, x: np.ndarray) -> np.ndarray:
+def _full_block(model: ClassificationModel3D, i: int, x: Array) -> Array:
     """Block i on a whole (1, C, *n) map in slabs along the first axis (each with the conv's halo), at
     most CROP_BUDGET outputs at a time: a full-size conv's workspace is about twice its output."""
     c_out = getattr(model, f"Conv_{i}").out_channels
     d, h, w = (n - (KERNEL - 1) for n in x.shape[2:])
-    out = np.empty((1, c_out, d, h, w), dtype=np.float32)
+    out = _empty(x, (1, c_out, d, h, w))
     depth = max(CROP_BUDGET // (c_out * h * w), 1)
     for z in range(0, d, depth):
         out[:, :, z:z + depth] = _block(model, i, x[:, :, z:z + depth + KERNEL - 1])
     return out
 
 
-def _cache_activations(model: ClassificationModel3D, volume: np.ndarray) -> _Cache:
+def _cache_activations(model: ClassificationModel3D, volume: Array) -> _Cache:
     inputs, blocks = [volume], []
     for i, p in enumerate(POOL_SIZES, start=1):
         blocks.append(_full_block(model, i, inputs[-1]))
@@ -188,15 +213,15 @@ def _box(lo: np.ndarray | tuple[int, ...], hi: np.ndarray) -> tuple:
     return (..., *(slice(a, z) for a, z in zip(lo, hi)))
 
 
-def _crop(src: np.ndarray, lo: np.ndarray, extent: np.ndarray) -> np.ndarray:
+def _crop(src: Array, lo: np.ndarray, extent: np.ndarray) -> Array:
     """(1, C, *n) map -> (B, C, *extent) boxes at the corners lo."""
-    out = np.empty((len(lo), src.shape[1], *extent), dtype=src.dtype)
+    out = _empty(src, (len(lo), src.shape[1], *(int(e) for e in extent)))
     for b, corner in enumerate(lo):
         out[b] = src[0][_box(corner, corner + extent)]
     return out
 
 
-def _paste(dst: np.ndarray, dst_lo: np.ndarray, patch: _Patch) -> None:
+def _paste(dst: Array, dst_lo: np.ndarray, patch: _Patch) -> None:
     """Copy each window's patch into its box dst (corner dst_lo), where the two overlap."""
     lo = np.maximum(dst_lo, patch.lo)
     hi = np.minimum(dst_lo + np.array(dst.shape[2:]), patch.lo + patch.extent)
@@ -206,7 +231,7 @@ def _paste(dst: np.ndarray, dst_lo: np.ndarray, patch: _Patch) -> None:
                                                                                        hi[b] - patch.lo[b])]
 
 
-def _occlude(volume: np.ndarray, windows: list[Window]) -> _Patch:
+def _occlude(volume: Array, windows: list[Window]) -> _Patch:
     """The occluded input as a patch: the cubes' common box with the cubes set to 0."""
     lo = np.array([[s.start for s in sl] for _, sl in windows])
     hi = np.array([[s.stop for s in sl] for _, sl in windows])
@@ -217,7 +242,7 @@ def _occlude(volume: np.ndarray, windows: list[Window]) -> _Patch:
     return _Patch(box_lo, values)
 
 
-def _conv_step(model: ClassificationModel3D, i: int, src: np.ndarray, patch: _Patch) -> _Patch:
+def _conv_step(model: ClassificationModel3D, i: int, src: Array, patch: _Patch) -> _Patch:
     """Block i (valid conv -> BN -> ReLU) on the box its output changes in: output o reads inputs o..o+2."""
     n_out = np.array(src.shape[2:]) - (KERNEL - 1)
     lo, extent = _fit(np.maximum(patch.lo - (KERNEL - 1), 0), np.minimum(patch.lo + patch.extent, n_out), n_out)
@@ -226,7 +251,7 @@ def _conv_step(model: ClassificationModel3D, i: int, src: np.ndarray, patch: _Pa
     return _Patch(lo, _block(model, i, crop))
 
 
-def _pool_step(model: ClassificationModel3D, i: int, src: np.ndarray, patch: _Patch) -> _Patch:
+def _pool_step(model: ClassificationModel3D, i: int, src: Array, patch: _Patch) -> _Patch:
     """Max-pool i on every window it overlaps; trailing inputs beyond the last full window are dropped."""
     p = POOL_SIZES[i - 1]
     n_out = np.array(src.shape[2:]) // p
@@ -245,15 +270,21 @@ def _occluded_probability(model: ClassificationModel3D, cache: _Cache, windows: 
         patch = _conv_step(model, i, cache.inputs[i - 1], patch)
         if i < len(POOL_SIZES):
             patch = _pool_step(model, i, cache.blocks[i - 1], patch)
-    features = np.repeat(cache.blocks[-1], len(windows), axis=0)
+    last = cache.blocks[-1]
+    features = np.repeat(last, len(windows), axis=0) if isinstance(last, np.ndarray) else last.repeat(
+        len(windows), 1, 1, 1, 1)
     _paste(features, np.zeros_like(patch.lo), patch)
-    return _probability(model.head, torch.from_numpy(features), target).numpy()
+    return _probability(model.head, _as_tensor(features), target).cpu().numpy()
 
 
-def default_batch_size() -> int:
+def default_batch_size(device: torch.device | None = None) -> int:
     """Windows per incremental batch. On one thread, 4 keeps the crops in cache (measured: 6 ms per
     window vs 11 at 16); with more threads every small op is an OpenMP fork/join, which larger
-    batches amortise (2 threads: 18 ms at 16 vs 39 at 4, on a 2-core machine with other load)."""
+    batches amortise (2 threads: 18 ms at 16 vs 39 at 4, on a 2-core machine with other load).
+    On a GPU every op is a kernel launch: 32 (not tuned on hardware; ``_batch_limit`` still caps the
+    crops' memory at CROP_BUDGET)."""
+    if device is not None and device.type != "cpu":
+        return 32
     return 4 if torch.get_num_threads() == 1 else 16
 
 
@@ -271,16 +302,23 @@ def _batch_limit(windows: list[Window], shape: np.ndarray, batch_size: int) -> i
 
 @torch.inference_mode()
 def incremental_drops(model: ClassificationModel3D, volume: torch.Tensor, target: int, windows: list[Window],
-                      batch_size: int | None = None) -> np.ndarray:
-    """p(unoccluded) - p(occluded) per window, by incremental inference (same values as ``reference_drops``)."""
+                      batch_size: int | None = None, backend: str | None = None) -> np.ndarray:
+    """p(unoccluded) - p(occluded) per window, by incremental inference (same values as ``reference_drops``).
+
+    ``backend``: "numpy" (the CPU default) or "torch" (tensors on the volume's device, the default off
+    the CPU); the model must be on the volume's device."""
     if model.training:
         raise ValueError("incremental occlusion needs the model in eval mode (BatchNorm must be per-channel affine)")
     drops = np.zeros(len(windows), dtype=np.float32)
     if not windows:
         return drops
-    cache = _cache_activations(model, volume.detach().float().contiguous().numpy())
-    base = float(_probability(model.head, torch.from_numpy(cache.blocks[-1]), target)[0])
-    step = _batch_limit(windows, np.array(volume.shape[2:]), batch_size or default_batch_size())
+    backend = backend or ("numpy" if volume.device.type == "cpu" else "torch")
+    if backend not in ("numpy", "torch") or (backend == "numpy" and volume.device.type != "cpu"):
+        raise ValueError("backend must be 'torch', or 'numpy' for a volume on the CPU")
+    start_map = volume.detach().float().contiguous()
+    cache = _cache_activations(model, start_map.numpy() if backend == "numpy" else start_map)
+    base = float(_probability(model.head, _as_tensor(cache.blocks[-1]), target)[0])
+    step = _batch_limit(windows, np.array(volume.shape[2:]), batch_size or default_batch_size(volume.device))
     for start in range(0, len(windows), step):
         chunk = windows[start:start + step]
         drops[start:start + len(chunk)] = base - _occluded_probability(model, cache, chunk, target)

@@ -116,13 +116,14 @@ class ModelBundle:
         return directory
 
     @classmethod
-    def load(cls, directory: Path) -> ModelBundle:
+    def load(cls, directory: Path, device: torch.device | str = "cpu") -> ModelBundle:
+        """Read a bundle; the model's weights are loaded straight onto ``device`` (numpy volumes stay on the host)."""
         directory = Path(directory)
         meta = json.loads((directory / MODEL_JSON).read_text())
         if meta.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{directory}: unsupported bundle format {meta.get('format')}")
-        model = build_model(meta["kind"], meta["config"])
-        state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
+        model = build_model(meta["kind"], meta["config"]).to(device)
+        state = torch.load(directory / WEIGHTS, map_location=device, weights_only=True)
         model.load_state_dict(state)
         model.eval()
         bundle = cls(kind=meta["kind"], name=meta["name"], version=meta["version"],

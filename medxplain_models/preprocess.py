@@ -19,4 +19,5 @@ def ddsm_normalise(grey: torch.Tensor) -> torch.Tensor:
 
     DeepMiner started from ImageNet weights; the normalisation stays so its checkpoints load as is.
     """
-    return (grey.float().unsqueeze(1).expand(-1, 3, -1, -1) - _MEAN) / _STD
+    mean, std = _MEAN.to(grey.device), _STD.to(grey.device)  # no-op on the CPU
+    return (grey.float().unsqueeze(1).expand(-1, 3, -1, -1) - mean) / std

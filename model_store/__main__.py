@@ -50,7 +50,7 @@ def _archive(args: argparse.Namespace) -> None:
     from model_store.archive import build_archive
 
     mar = build_archive(args.bundle, args.out, model_name=args.name, unit_labels=args.unit_labels,
-                        include_demo_answers=args.include_demo_answers)
+                        include_demo_answers=args.include_demo_answers, device_type=args.device_type)
     print(f"wrote {mar}")
 
 
@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(refused if it holds demo-mode answers)")
     p.add_argument("--include-demo-answers", action="store_true",
                    help="ship a unit-label file that holds demo-mode (not logged-in) answers")
+    p.add_argument("--device-type", choices=["cpu", "gpu"], default="cpu",
+                   help="model-config.yaml deviceType: gpu releases get deviceType: gpu + deviceIds: [0] "
+                        "(docs/deploy.md); default cpu")
     p.set_defaults(func=_archive)
 
     p = sub.add_parser("import", help="turn a seed checkpoint (DeepMiner .pth.tar / cnn-interpretability state dict) into a bundle")

@@ -86,8 +86,29 @@ def check_carried_code(mar: Path, engine: dict) -> None:
         raise ArchiveError(f"{mar}: the engine code it carries does not match its {ENGINE_JSON}")
 
 
+def model_config(kind: str, device_type: str, folder: Path) -> Path:
+    """The archive's model-config.yaml: the shipped one (``deviceType: cpu``), or for a GPU release the
+    same with ``deviceType: gpu`` and ``deviceIds: [0]`` (TorchServe then hands each worker a gpu_id,
+    which the handler uses; docs/deploy.md)."""
+    shipped = CONFIG_DIR / f"{kind}.yaml"
+    if device_type == "cpu":
+        return shipped
+    if device_type != "gpu":
+        raise ArchiveError("device_type must be cpu or gpu")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / shipped.name).write_text(gpu_config(shipped.read_text()))
+    return folder / shipped.name
+
+
+def gpu_config(text: str) -> str:
+    """A model-config.yaml's text with its ``deviceType`` line replaced by ``deviceType: gpu`` + ``deviceIds: [0]``."""
+    lines = text.splitlines(keepends=True)
+    return "".join("deviceType: gpu\ndeviceIds: [0]\n" if line.startswith("deviceType:") else line for line in lines)
+
+
 def build_archive(bundle_dir: Path, export_dir: Path, model_name: str | None = None,
-                  unit_labels: Path | None = None, include_demo_answers: bool = False) -> Path:
+                  unit_labels: Path | None = None, include_demo_answers: bool = False,
+                  device_type: str = "cpu") -> Path:
     """Build ``{name}.mar`` from a bundle directory and return its path.
 
     ``unit_labels`` replaces the bundle's unit-label file: this is how the experts' consensus
@@ -113,12 +134,13 @@ def build_archive(bundle_dir: Path, export_dir: Path, model_name: str | None = N
         extra.append(str(staging / "code"))  # a folder: torch-model-archiver copies its children to the root
         (staging / ENGINE_JSON).write_text(json.dumps(engine, indent=2) + "\n")
         extra.append(str(staging / ENGINE_JSON))
+        config = model_config(kind, device_type, staging / "config")
         cmd = [str(Path(sys.executable).with_name("torch-model-archiver")),
                "--model-name", name, "--version", version,
                "--serialized-file", str(bundle_dir / WEIGHTS),
                "--handler", str(HANDLER_ENTRY[kind]),
                "--extra-files", ",".join(extra),
-               "--config-file", str(CONFIG_DIR / f"{kind}.yaml"),
+               "--config-file", str(config),
                "--export-path", str(export_dir), "-f"]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:

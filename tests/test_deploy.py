@@ -854,3 +854,66 @@ def test_archives_upload_and_fetch(minio_server, tmp_path):
     proc = run([*tool, "fetch", "--source", release, "--dest", tmp_path / "d"],
                env={k: v for k, v in env.items() if not k.startswith("MEDXAI_S3_")})
     assert proc.returncode != 0 and "MEDXAI_S3_ENDPOINT" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# the GPU variant: prod overlay, images' CUDA build argument, archives' deviceType and docs agree
+
+TORCH_INDEX = "https://download.pytorch.org/whl/${CUDA}"
+
+
+def gpu_problems(objs: list[dict]) -> list[str]:
+    """What a GPU serving Deployment needs: one nvidia.com/gpu requested = limited, the GPU nodes' selector
+    and taint toleration, the CUDA image and the GPU model release (archives with deviceType: gpu)."""
+    problems = []
+    dep = find(objs, "Deployment", "torchserve")
+    spec = pod_spec(dep)
+    (ts,) = [c for c in spec["containers"] if c["name"] == "torchserve"]
+    requests, limits = ts["resources"].get("requests", {}), ts["resources"].get("limits", {})
+    if not (str(requests.get("nvidia.com/gpu")) == str(limits.get("nvidia.com/gpu")) == "1"):
+        problems.append("torchserve: nvidia.com/gpu must be requested and limited at 1")
+    if spec.get("nodeSelector", {}).get("nvidia.com/gpu.present") != "true":
+        problems.append("torchserve: no GPU node selector")
+    if not any(t.get("key") == "nvidia.com/gpu" and t.get("effect") == "NoSchedule" for t in spec.get("tolerations", [])):
+        problems.append("torchserve: no toleration for the GPU nodes' taint")
+    if not all(c["image"].split(":")[-1].endswith("-gpu") for c in containers(dep) if "medxai/serve" in c["image"]):
+        problems.append("torchserve: not the CUDA (-gpu) image")
+    models = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("torchserve-models")]
+    if len(models) != 1 or not models[0]["data"]["MEDXAI_MODEL_SOURCE"].endswith("-gpu"):
+        problems.append("torchserve-models: not the GPU release (archives with deviceType: gpu)")
+    return problems
+
+
+def test_gpu_variant_agrees(rendered):
+    assert not gpu_problems(rendered["prod"][1]), gpu_problems(rendered["prod"][1])
+    dev = find(rendered["dev"][1], "Deployment", "torchserve")
+    assert all("nvidia.com/gpu" not in json.dumps(c.get("resources", {})) for c in containers(dev))  # dev: CPU
+    # The images: a CUDA build argument (cpu by default) choosing the wheels of the pinned torch/torchvision.
+    pins = {line.split("==")[0]: line for line in (ROOT / "requirements" / "engine.txt").read_text().split()
+            if line.startswith(("torch==", "torchvision=="))}
+    assert pins == {"torch": "torch==2.14.1", "torchvision": "torchvision==0.29.1"}
+    for name in ("serve", "batch"):
+        text = (DOCKER / name / "Dockerfile").read_text()
+        assert re.search(r"^ARG CUDA=cpu$", text, re.MULTILINE) and f"ARG TORCH_INDEX_URL={TORCH_INDEX}" in text, name
+        assert "--index-url \"${TORCH_INDEX_URL}\"" in text and "grep -E '^(torch|torchvision)=='" in text, name
+    # The shipped archives compute on the CPU; the GPU release is built with --device-type gpu.
+    for kind in ("ddsm", "adni"):
+        config = yaml.safe_load((ROOT / "model_store" / "configs" / f"{kind}.yaml").read_text())
+        assert config["deviceType"] == "cpu" and config["handler"]["amp"] is False
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    for phrase in ("--build-arg CUDA=cu128", "deviceType: gpu", "deviceIds: [0]", "--device-type gpu", "--device cuda",
+                   "releases/1.0-gpu", "nvidia.com/gpu: 1", "make bench-gpu"):
+        assert phrase in docs, phrase
+    help_text = run([sys.executable, "-m", "model_store", "archive", "--help"]).stdout
+    assert "--device-type" in help_text
+
+
+def test_gpu_checker_catches_a_cpu_deployment(rendered):
+    objs = json.loads(json.dumps(rendered["prod"][1]))
+    spec = pod_spec(find(objs, "Deployment", "torchserve"))
+    (ts,) = [c for c in spec["containers"] if c["name"] == "torchserve"]
+    del ts["resources"]["limits"]["nvidia.com/gpu"]
+    spec["tolerations"] = []
+    problems = gpu_problems(objs)
+    assert any("requested and limited" in p for p in problems) and any("toleration" in p for p in problems)
+    assert gpu_problems(rendered["dev"][1])  # the dev overlay is not a GPU deployment

@@ -178,3 +178,34 @@ def test_training_mode_is_refused(random_model, brain):
             incremental_drops(random_model, brain[0], 1, _border_windows(SHAPE, 20, 7))
     finally:
         random_model.eval()
+
+
+@pytest.mark.parametrize(("size", "stride"), [(40, 12), (9, 16), (2, 13)])
+def test_tensor_path_equals_full_recomputation(random_model, brain, size, stride):
+    """The tensor path a GPU runs (backend="torch"), run on the CPU: same drops as the numpy path and the reference."""
+    volume, _ = brain
+    windows = _border_windows(SHAPE, size, stride)
+    on_tensors = incremental_drops(random_model, volume, 1, windows, batch_size=8, backend="torch")
+    np.testing.assert_allclose(on_tensors, reference_drops(random_model, volume, 1, windows), rtol=0, atol=ATOL)
+    np.testing.assert_allclose(on_tensors, incremental_drops(random_model, volume, 1, windows, batch_size=8),
+                               rtol=0, atol=ATOL)
+    if size > 3:
+        assert np.abs(on_tensors).max() > 100 * ATOL
+
+
+def test_unknown_backend_is_refused(random_model, brain):
+    volume, _ = brain
+    with pytest.raises(ValueError, match="backend"):
+        incremental_drops(random_model, volume, 1, _border_windows(SHAPE, 20, 7), backend="cupy")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU tensor path is tested above)")
+def test_cuda_drops_match_cpu(random_model, brain):
+    import copy
+
+    volume, _ = brain
+    windows = _border_windows(SHAPE, 20, 7)
+    cpu = incremental_drops(random_model, volume, 1, windows, batch_size=8)
+    model = copy.deepcopy(random_model).cuda()
+    gpu = incremental_drops(model, volume.cuda(), 1, windows, batch_size=8)
+    np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-3)  # cuDNN's conv algorithms round differently
