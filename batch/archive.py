@@ -24,10 +24,9 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import yaml
-
 from medxplain_contract.integrity import ArchiveIntegrityError, signing_key, verify_archive
 from medxplain_engine.engine import Engine
+from medxplain_engine.served import ServedSettingsError, served_settings
 from medxplain_engine.version import EngineCodeError, engine_record
 
 MAX_UNPACKED_BYTES = 8 * 1024 ** 3
@@ -84,7 +83,9 @@ def safe_extract(mar: Path, dest: Path) -> None:
                 shutil.copyfileobj(src, out)
 
 
-def load_archive(mar: Path, expected_kind: str | None = None, device: str = "cpu", amp: bool = False) -> LoadedArchive:
+def load_archive(mar: Path, expected_kind: str | None = None, device: str = "cpu", amp: bool = False,
+                 eager: bool = False) -> LoadedArchive:
+    """Verify, unpack and load an archive; the engine applies the archive's served speed-ups unless ``eager``."""
     mar = Path(mar)
     if not mar.is_file():
         raise ArchiveError(f"model archive not found: {mar}")
@@ -98,27 +99,16 @@ def load_archive(mar: Path, expected_kind: str | None = None, device: str = "cpu
         if not (directory / "model.json").is_file():
             raise ArchiveError(f"{mar} holds no model.json: not a MedXplain model archive")
         record = check_engine_code(mar, directory)
-        engine = Engine.from_model_dir(directory, device, amp)
+        try:
+            engine = Engine.from_model_dir(directory, device, amp, settings={} if eager else None)
+        except ServedSettingsError as err:
+            raise ArchiveError(str(err)) from None
         if expected_kind and engine.kind != expected_kind:
             raise ArchiveError(f"{mar} is a {engine.kind!r} model, but --model {expected_kind} was given")
-        return LoadedArchive(mar, sha256, engine, directory, record, handler_settings(directory))
+        return LoadedArchive(mar, sha256, engine, directory, record, served_settings(directory))
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
-
-
-def handler_settings(directory: Path) -> dict:
-    """``handler:`` of the archive's model-config (MAR-INF/MANIFEST.json names it): the served settings."""
-    if not (directory / "MAR-INF" / "MANIFEST.json").is_file():
-        return {}
-    try:
-        manifest = json.loads((directory / "MAR-INF" / "MANIFEST.json").read_text())
-        name = manifest["model"].get("configFile")
-        config = yaml.safe_load((directory / name).read_text()) if name else {}
-    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as err:
-        raise ArchiveError(f"unreadable model-config in the archive ({type(err).__name__})") from None
-    settings = (config or {}).get("handler") or {}
-    return settings if isinstance(settings, dict) else {}
 
 
 def check_engine_code(mar: Path, directory: Path) -> dict:

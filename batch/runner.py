@@ -382,13 +382,12 @@ def run_batch(options: RunOptions) -> ShardResult:
     bucket_name, prefix = parse_s3_url(options.output)
     out = Bucket(config, bucket_name, options.retry)
     out.ensure(create=True)
-    loaded = load_archive(options.archive, options.model, options.device, options.amp)
+    # as served (the archive's speed-ups), so batch == online; eager is within float32 rounding: not a resume change
+    loaded = load_archive(options.archive, options.model, options.device, options.amp, options.eager)
     writer = Writer(out, prefix)
     try:
         if options.threads:
             torch.set_num_threads(options.threads)
-        if not options.eager:  # as served, so batch == online; eager is within float32 rounding: not a resume change
-            loaded.engine.apply_speed_settings({**loaded.handler_settings, "warm_up": False})
         try:
             shard_run = ShardRun(options, out, prefix, loaded, Source(options.input, lambda: config), writer)
         except InputError as err:

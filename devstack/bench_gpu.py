@@ -36,7 +36,7 @@ import requests
 import torch
 from scipy.stats import spearmanr
 
-from devstack.bench import percentiles, sample_patch, time_calls
+from devstack.bench import percentiles, sample_patch
 from devstack.services import TorchServeServer
 from medxplain_contract.encodings import decode_map
 from medxplain_contract.integrity import signing_key, write_digest
@@ -71,6 +71,18 @@ class Checks:
     def failed(self) -> int:
         return sum(not ok for _, ok, _ in self.rows)
 
+
+
+def time_calls(call, n: int, warmup: int = 3) -> list[float]:
+    """Wall times (s) of ``n`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        call()
+        out.append(time.perf_counter() - started)
+    return out
 
 def full_mammogram(data_dir: Path) -> bytes:
     """A held-out synthetic mammogram as sent (16-bit PNG)."""
@@ -204,7 +216,7 @@ def bench_serving(mar: Path, payload: bytes, n: int, device: str) -> None:
             remote = time_calls(lambda: session.post(url, data=payload, headers=headers, timeout=120).raise_for_status(), n)
         finally:
             server.stop()
-    (lp50, lp95), (rp50, rp95) = percentiles(local), percentiles(remote)
+    (lp50, lp95, _), (rp50, rp95, _) = percentiles(local), percentiles(remote)
     print(f"\nServing overhead on the GPU, mammography patch prediction, {n} sequential requests")
     print(f"  {'':24}{'p50 ms':>10}{'p95 ms':>10}")
     print(f"  {'in-process engine':24}{lp50:10.1f}{lp95:10.1f}")

@@ -128,9 +128,11 @@ class EngineHandler:
         settings = config.get("handler", {}) or {}
         torch.set_num_threads(int(settings.get("torch_num_threads", 1)))
         device = assigned_device(context.system_properties)
+        # the speed-ups and the warm-up (so kernel set-up does not land on the first request) as configured
         self.engine = Engine.from_model_dir(Path(context.system_properties["model_dir"]), device,
-                                            amp=parse_bool(settings.get("amp", False), "handler.amp"))
-        speedups = self.engine.apply_speed_settings(settings)  # and warm-up: not on the first request
+                                            amp=parse_bool(settings.get("amp", False), "handler.amp"),
+                                            settings=settings)
+        speedups = self.engine.speedups_applied
         unit = "Mpx-passes" if self.engine.kind == "ddsm" else "Mvoxel-passes"
         self.budget = Budget.from_settings(settings, int(config.get("batchSize", 1)), online=True, unit=unit)
         self.engine.budget = self.budget

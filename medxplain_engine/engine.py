@@ -32,6 +32,7 @@ from medxplain_engine.budget import Budget, CostInput
 from medxplain_engine.device import FP32, autocast, precision_label, resolve_device
 from medxplain_engine.features import ItemFeatures, extract_features
 from medxplain_engine.options import RequestOptions, parse_options
+from medxplain_engine.served import served_settings
 from medxplain_engine.units import rank_units
 from medxplain_engine.version import engine_record
 from medxplain_models.bundle import ModelBundle, content_digest
@@ -157,18 +158,28 @@ class Engine(ABC):
         self.archive_digest = archive_digest
         self.engine_record = engine_record()  # hashed at load: the code this process imported
         self.budget = Budget()  # batch defaults; the online adapter installs the serving budget
+        self.speedups_applied: dict = {}  # what apply_speed_settings turned on (from_model_dir applies it)
 
     @staticmethod
-    def from_model_dir(model_dir: Path, device: torch.device | str = "cpu", amp: bool = False) -> Engine:
+    def from_model_dir(model_dir: Path, device: torch.device | str = "cpu", amp: bool = False,
+                       settings: dict | None = None) -> Engine:
         """Load an unpacked archive (TorchServe's model_dir or the batch job's extraction) onto ``device``
-        ("auto" | "cpu" | "cuda" | "cuda:N"; raises DeviceError for a bad or absent one)."""
+        ("auto" | "cpu" | "cuda" | "cuda:N"; raises DeviceError for a bad or absent one).
+
+        ``settings`` are the ``handler:`` speed-up keys to apply (:meth:`apply_speed_settings`); None
+        means the archive's own model-config without the warm-up, i.e. exactly as served, so every
+        in-process caller gets the served results; ``{}`` is eager (a bare bundle has no config: eager).
+        """
         from medxplain_engine.mammo import DDSMEngine  # the two halves import this module
         from medxplain_engine.mri import ADNIEngine
 
         model_dir, device = Path(model_dir), resolve_device(device)
         bundle = ModelBundle.load(model_dir, device)
         engine_cls = {"ddsm": DDSMEngine, "adni": ADNIEngine}[bundle.kind]
-        return engine_cls(bundle, content_digest(model_dir), device, amp)
+        engine = engine_cls(bundle, content_digest(model_dir), device, amp)
+        chosen = {**served_settings(model_dir), "warm_up": False} if settings is None else settings
+        engine.speedups_applied = engine.apply_speed_settings(chosen)
+        return engine
 
     def apply_speed_settings(self, settings: dict) -> dict:
         """CPU speed-ups named under ``handler:`` (DDSM: ``mammo.DDSMEngine``); none here. Returns what applied."""
