@@ -149,8 +149,18 @@ class IntegratedGrads(Attribution):
     def attribute(self, ctx, target, options):
         ig = IntegratedGradients(ctx.score_model)
         attr = ig.attribute(ctx.inputs, baselines=torch.zeros_like(ctx.inputs), target=target,
-                            n_steps=options.ig_steps, internal_batch_size=min(options.ig_steps, 8))
+                            n_steps=options.ig_steps, internal_batch_size=ig_batch(ctx.inputs, options.ig_steps))
         return _to_numpy(attr)
+
+
+IG_ELEMENTS_PER_PASS = 2_000_000  # input elements per backward pass of integrated gradients
+
+
+def ig_batch(inputs: torch.Tensor, steps: int) -> int:
+    """Steps per backward pass, bounded by input size: memory grows with depth x pixels x batch, and
+    8 steps of a full mammogram through a ResNet-152 took 23 GB (OOM-killed in `make bench`); one step
+    at a time keeps it to one forward's activations. Patches still batch 8 steps per pass."""
+    return max(1, min(steps, 8, IG_ELEMENTS_PER_PASS // max(1, inputs[0].numel())))
 
 
 class Occlusion2D(Attribution):
