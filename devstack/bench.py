@@ -25,7 +25,6 @@ import argparse
 import concurrent.futures as cf
 import csv
 import io
-import json
 import os
 import re
 import statistics
@@ -38,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import requests
 import torch
-import yaml
 from PIL import Image
 
 from devstack.services import TorchServeServer
 from medxplain_engine.engine import Engine, EngineRequest
+from medxplain_engine.served import served_config
 from medxplain_models.tiling import PATCH_SIZE
 
 ENGINE_STAGES = ("prepare", "forward", "units", "serialise")  # plus one entry per explanation method
@@ -113,13 +112,6 @@ def scrape(metrics_url: str, model: str) -> dict[str, float]:
             if line.startswith(name + "{") and f'model_name="{model}"' in line:
                 out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
-
-
-def archive_settings(model_dir: Path) -> dict:
-    """The archive's model-config.yaml (its manifest names the file), as TorchServe and the handler read it."""
-    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    name = manifest.get("model", {}).get("configFile")
-    return yaml.safe_load((model_dir / name).read_text()) if name else {}
 
 
 class Rest:
@@ -202,7 +194,7 @@ def bench_serving(mar: Path, data_dir: Path, n: int, n_full: int, clients: int, 
         model_dir = Path(tmp) / "model"
         with zipfile.ZipFile(mar) as zf:
             zf.extractall(model_dir)
-        settings = archive_settings(model_dir)
+        settings = served_config(model_dir)
         # The CPUs the server computes on: workers x their torch threads (handlers/torchserve_adapter.initialize)
         threads = threads or int(settings.get("minWorkers", 1)) * int(
             (settings.get("handler") or {}).get("torch_num_threads", 1))
