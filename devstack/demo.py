@@ -70,7 +70,10 @@ def run_batches(build: Path, admin: S3Config, s3: S3Config) -> dict[str, str]:
     runs = {}
     for model, index in INDEX.items():
         n = stage_held_out(admin, build / "data" / model, index, f"inputs/{model}-test")
-        output = f"s3://{DEMO_BUCKET}/runs/{model}-demo"
+        # one run per archive version: a rebuilt archive (new engine code or weights) gets a new prefix,
+        # the same archive resumes its run (re-runs store nothing twice); earlier runs stay readable
+        digest = (build / "model-store" / f"{model}.mar.sha256").read_text().split()[0][:12]
+        output = f"s3://{DEMO_BUCKET}/runs/{model}-demo-{digest}"
         print(f"\nbatch {model}: {n} held-out inputs from s3://{DEMO_BUCKET}/inputs/{model}-test -> {output}")
         result = run_batch(RunOptions(model=model, archive=build / "model-store" / f"{model}.mar",
                                       input=f"s3://{DEMO_BUCKET}/inputs/{model}-test", output=output,
