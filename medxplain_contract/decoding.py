@@ -1,7 +1,8 @@
 """Bytes -> pixels, with limits checked before anything large is allocated.
 
-Only pixel data and geometry leave this module: DICOM headers (patient name, ID, dates) are read
-to decode pixels and then dropped, so they cannot reach responses, logs or object keys.
+Pixel data and geometry leave this module; DICOM headers (patient name, ID, dates) leave it only
+inside a :class:`~medxplain_contract.dicom_source.DicomSource` (pixel data dropped), which only the
+DICOM output builders read, so identity cannot reach responses, logs or object keys.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from medxplain_contract import dicom
+from medxplain_contract.dicom_source import DicomSource
 from medxplain_contract.errors import InputError, PayloadTooLarge, UnsupportedMediaType
 
 MAX_IMAGE_PIXELS = 60_000_000  # a 16-bit FFDM is ~4k x 6k = 24 MP; beyond this is a bomb, not a mammogram
@@ -35,6 +37,7 @@ class Image2D:
     source_format: str
     bits: int
     warnings: list[str] = field(default_factory=list)
+    source: DicomSource | None = None  # DICOM inputs: headers for derived DICOM outputs
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Volume:
     data: np.ndarray
     affine: np.ndarray
     warnings: list[str] = field(default_factory=list)
+    source: DicomSource | None = None  # DICOM series inputs: one header per slice (data[:, :, k])
 
 
 def sniff(data: bytes) -> str:

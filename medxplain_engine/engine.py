@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medxplain_contract.dicom_source import DicomSource
 from medxplain_contract.errors import InputError, as_row_error
 from medxplain_contract.finite import finite_json
 from medxplain_engine.attribution import Attribution, ExplainContext, UnitMaps
@@ -100,6 +101,7 @@ class Prepared:
     meta: dict = field(default_factory=dict)  # reported as the response's ``input`` (format, bits, ...)
     warnings: list[str] = field(default_factory=list)
     timing_ms: dict[str, float] = field(default_factory=dict)  # "prepare"; reported in the response's timing_ms
+    source: DicomSource | None = None  # DICOM inputs: the source headers the DICOM outputs attach to (never in JSON)
 
 
 @dataclass

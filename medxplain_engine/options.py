@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from medxplain_contract.errors import InputError
 
 ENCODINGS = ("png", "float16")
+OUTPUTS = ("json", "dicom")  # dicom: the derived DICOM objects (SR, Parametric Maps, overlays) instead of JSON
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class RequestOptions:
     occlusion_size: int | None = None
     occlusion_stride: int | None = None
     ig_steps: int = 16
+    output: str = "json"
 
 
 _FIELDS = set(RequestOptions.__dataclass_fields__) | {"k"}
@@ -55,6 +57,7 @@ def parse_options(params: dict, class_names: list[str], methods: dict[str, objec
         occlusion_size=_optional_int(params.get("occlusion_size"), "occlusion_size", 1, 256),
         occlusion_stride=_optional_int(params.get("occlusion_stride"), "occlusion_stride", 1, 256),
         ig_steps=_int(params.get("ig_steps", 16), "ig_steps", 2, 128),
+        output=_choice(params.get("output", "json"), "output", OUTPUTS),
     )
 
 

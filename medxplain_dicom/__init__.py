@@ -1,0 +1,1 @@
+"""Results as standard DICOM objects (highdicom builders, torch-free): SR, Parametric Maps, RGB overlays."""
