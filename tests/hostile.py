@@ -157,9 +157,12 @@ def _series_body(files: list[bytes], edits: list[tuple[int, dict]], drop: list[i
     """A series with some slices rewritten or dropped, in some order, as a zip or a multipart/related body."""
     from medxplain_contract.multipart import encode_related
 
+    merged: dict[int, dict] = {}
+    for index, changes in edits:  # one rewrite per file: a rewritten file may not parse again (its syntax lies)
+        merged.setdefault(index % len(files), {}).update(changes)
     edited = list(files)
-    for index, changes in edits:
-        edited[index % len(files)] = _dicom_with(edited[index % len(files)], changes)
+    for index, changes in merged.items():
+        edited[index] = _dicom_with(files[index], changes)
     kept = [edited[i % len(files)] for i in order if i % len(files) not in set(drop)]
     if packing == "multipart":
         return encode_related(kept)[0] if kept else b"--x\r\n"
