@@ -1,8 +1,8 @@
 """Generated hostile requests against the real TorchServe: never a 5xx, never NaN, never a worker restart.
 
 Each model gets at least 300 generated cases (hypothesis, derandomized so CI is reproducible):
-mutated PNG / TIFF / DICOM / NIfTI bodies and parameters of any JSON type or raw bytes, over REST
-(raw body, multipart, JSON) and gRPC. Afterwards the workers must be the same processes and a valid
+mutated PNG / TIFF / DICOM / NIfTI bodies, DICOM series (zip / multipart) with rewritten headers, and
+parameters of any JSON type or raw bytes, over REST (raw body, multipart, JSON) and gRPC. Afterwards the workers must be the same processes and a valid
 request must still succeed. The status counts are printed (run with -s to see them).
 """
 
@@ -38,6 +38,13 @@ def _volume(adni_data) -> bytes:
     with open(adni_data / "subjects.csv", newline="") as f:
         row = next(r for r in csv.DictReader(f) if r["split"] == "test")
     return (adni_data / row["path"]).read_bytes()
+
+
+def _series(adni_data) -> list[bytes]:
+    """The first subject written as a DICOM series (model_store/synth/mri_dicom.py), one file per slice."""
+    with open(adni_data / "subjects.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["dicom_path"])
+    return [p.read_bytes() for p in sorted((adni_data / row["dicom_path"]).glob("*.dcm"))]
 
 
 def _run(torchserve, model: str, strategy, valid: hostile.Case) -> Counter:
@@ -86,6 +93,7 @@ def test_generated_hostile_requests_to_adni(torchserve, adni_data):
         st.just(volume),
         st.sampled_from([volume, raw_nii]).flatmap(hostile.byte_mutations),
         hostile.nifti_structures(volume),
+        hostile.series_bodies(_series(adni_data)),  # zip / multipart/related DICOM series, headers rewritten
         st.binary(max_size=512),
     )
     statuses = _run(torchserve, "adni", hostile.cases(body, ADNI_METHODS), hostile.Case("raw", volume))
