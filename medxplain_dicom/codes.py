@@ -57,7 +57,7 @@ VOXELS = CodedConcept("{voxels}", "UCUM", "voxels")
 _SHAPE = CodedConcept.from_code(codes.SCT.Shape)  # 300842002, the name CID 6004 values answer
 _MARGIN = CodedConcept.from_code(codes.DCM.Margins)  # 111037
 _CALCIFICATION = CodedConcept.from_code(codes.DCM.CalcificationType)  # 111009
-_FINDING = CodedConcept.from_code(codes.DCM.Finding)  # 121071
+_FINDING = CodedConcept.from_code(codes.DCM.SingleImageFinding)  # 111059, the name CID 6014 values answer
 
 _S, _D = codes.SCT, codes.DCM
 _LEXICON: dict[str, tuple[str, CodedConcept, object]] = {

@@ -34,9 +34,9 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def _measurements(pairs: list[tuple[hd.sr.CodedConcept, object, hd.sr.CodedConcept]],
-                  algorithm_id: hd.sr.AlgorithmIdentification) -> list[hd.sr.Measurement]:
-    return [hd.sr.Measurement(name=name, value=number, unit=unit, algorithm_id=algorithm_id)
+def _measurements(pairs: list[tuple[hd.sr.CodedConcept, object, hd.sr.CodedConcept]]) -> list[hd.sr.Measurement]:
+    """NUM items; the algorithm is named once per group (TID 1501 lets measurements inherit it)."""
+    return [hd.sr.Measurement(name=name, value=number, unit=unit)
             for name, value, unit in pairs if (number := _number(value)) is not None]
 
 
@@ -49,14 +49,16 @@ class _Groups:
         self.sop_uid = sop_uid
 
     def group(self, identifier: str, finding_type: hd.sr.CodedConcept, *, method: hd.sr.CodedConcept | None = None,
-              measurements: list | None = None, evaluations: list | None = None
+              measurements: list | None = None, evaluations: list | None = None, with_sources: bool = False
               ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+        """One TID 1501 group; only the prediction group lists the source images (the image library has them
+        all, and a 100-slice series listed in each of 200 region groups would make the SR megabytes)."""
         tracking = hd.sr.TrackingIdentifier(uid=generate_uid(entropy_srcs=[self.sop_uid, identifier]),
                                             identifier=identifier[:64])
         return hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking, finding_type=finding_type, method=method, algorithm_id=self.algorithm_id,
             measurements=measurements or None, qualitative_evaluations=evaluations or None,
-            source_images=self.images)
+            source_images=self.images if with_sources else None)
 
 
 def _prediction(response: dict, groups: _Groups) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -73,8 +75,8 @@ def _prediction(response: dict, groups: _Groups) -> hd.sr.MeasurementsAndQualita
                                                        codes.class_code(chosen, classes[chosen])))
         measures += [(codes.LESION_SCORE, decision.get("lesion_score"), codes.NO_UNITS),
                      (codes.DECISION_THRESHOLD, decision.get("threshold"), codes.NO_UNITS)]
-    return groups.group("prediction", codes.MODEL_PREDICTION, measurements=_measurements(measures,
-                        groups.algorithm_id), evaluations=evaluations)
+    return groups.group("prediction", codes.MODEL_PREDICTION, measurements=_measurements(measures),
+                        evaluations=evaluations, with_sources=True)
 
 
 def _unit(unit: dict, groups: _Groups) -> hd.sr.MeasurementsAndQualitativeEvaluations:
@@ -82,7 +84,7 @@ def _unit(unit: dict, groups: _Groups) -> hd.sr.MeasurementsAndQualitativeEvalua
     terms = list(unit.get("concepts") or unit.get("labels") or [])
     evaluations = [hd.sr.QualitativeEvaluation(*codes.concept(str(term))) for term in dict.fromkeys(terms)]
     return groups.group(f"unit {int(unit['unit'])}", codes.NETWORK_UNIT,
-                        measurements=_measurements(measures, groups.algorithm_id), evaluations=evaluations)
+                        measurements=_measurements(measures), evaluations=evaluations)
 
 
 def _regions(response: dict, groups: _Groups) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
@@ -93,7 +95,7 @@ def _regions(response: dict, groups: _Groups) -> list[hd.sr.MeasurementsAndQuali
             out.append(groups.group(f"{method} region {int(row['index'])}",
                                     codes.region_code(int(row["index"]), str(row["name"])),
                                     method=codes.method_code(method),
-                                    measurements=_measurements(measures, groups.algorithm_id)))
+                                    measurements=_measurements(measures)))
     return out
 
 
@@ -116,7 +118,7 @@ def build(response: dict, sources: list[Dataset], algorithm: Algorithm, *, serie
     measurements += _regions(response, groups)
     procedure = _PROCEDURES.get(str(sources[0].get("Modality", "")), codes.private("imaging", "Imaging procedure"))
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=procedure,
-                                     imaging_measurements=measurements)
+                                     imaging_measurements=measurements, referenced_images=sources)
     return hd.sr.Comprehensive3DSR(
         evidence=sources, content=report[0], series_instance_uid=series_uid, series_number=series_number,
         sop_instance_uid=sop_uid, instance_number=1, is_complete=True, is_final=False, is_verified=False,
