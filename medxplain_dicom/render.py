@@ -10,8 +10,6 @@ replaces instead of duplicating. Nothing from the headers is logged here.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -46,7 +44,7 @@ def render_objects(response: dict, source: DicomSource, maps: dict[str, np.ndarr
     if not source.datasets:
         raise UnprocessableInput("dicom_source_incomplete", "the DICOM source has no image headers")
     identity = [headers.identity_ready(ds) for ds in source.datasets]
-    geometry = [headers.detector_plane(copy.deepcopy(ds)) for ds in identity]
+    geometry = [headers.detector_plane(ds) for ds in identity]
     frames = {method: _frames(source, grid, method) for method, grid in maps.items()}
     display = source.to_frames(np.asarray(source.display, dtype=np.float32))
 
