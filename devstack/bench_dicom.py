@@ -36,7 +36,7 @@ from medxplain_contract.encodings import decode_map
 from medxplain_dicom.render import Algorithm, render_objects
 from model_store.synth.mammo import DETECTOR_HEIGHT_MM
 
-METHODS = {"ddsm": (("cam",), ("cam", "gradcam")), "adni": (("gradcam",), ("gradcam", "saliency"))}
+METHODS = {"ddsm": (("cam",), ("cam", "gradcam")), "adni": (("gradcam",), ("gradcam", "guided_backprop"))}
 
 
 @dataclass

@@ -26,22 +26,34 @@ _COLOURS = np.array([[0, 0, 160], [0, 200, 255], [120, 255, 120], [255, 230, 0],
 MAX_OPACITY = 0.6
 
 
-def _unit_range(values: np.ndarray, lo_q: float = 0.0, hi_q: float = 100.0) -> np.ndarray:
-    finite = np.isfinite(values)
-    if not finite.any():
-        return np.zeros(values.shape, dtype=np.float64)
-    lo, hi = np.percentile(values[finite], [lo_q, hi_q])
-    scaled = (np.where(finite, values, lo) - lo) / (hi - lo) if hi > lo else np.zeros(values.shape)
-    return np.clip(scaled, 0.0, 1.0)
+_LUT = np.stack([np.interp(np.linspace(0.0, 1.0, 256), _ANCHORS, _COLOURS[:, c]) for c in range(3)],
+                axis=-1).astype(np.float32)  # 256 colours: one table lookup per pixel instead of 3 interpolations
+
+
+def _unit_range(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``values`` scaled so [lo, hi] -> [0, 1], clipped; non-finite values -> 0; float32."""
+    scaled = (values.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo) if hi > lo \
+        else np.zeros(values.shape, np.float32)
+    return np.clip(np.nan_to_num(scaled, nan=0.0, posinf=0.0, neginf=0.0), 0.0, 1.0)
+
+
+def _finite_range(values: np.ndarray, percentiles: tuple[float, float] | None = None) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 0.0
+    if percentiles is None:
+        return float(finite.min()), float(finite.max())
+    lo, hi = np.percentile(finite, percentiles)
+    return float(lo), float(hi)
 
 
 def blend(grey: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """(rows, cols) image and map -> (rows, cols, 3) uint8 RGB."""
-    base = _unit_range(grey.astype(np.float64), 1.0, 99.0)[..., None] * 255.0
-    value = _unit_range(heat.astype(np.float64))
-    colour = np.stack([np.interp(value, _ANCHORS, _COLOURS[:, c]) for c in range(3)], axis=-1)
-    alpha = (MAX_OPACITY * value)[..., None]
-    return np.rint(base * (1.0 - alpha) + colour * alpha).astype(np.uint8)
+    base = _unit_range(grey, *_finite_range(grey, (1.0, 99.0)))[..., None] * np.float32(255)
+    value = _unit_range(heat, *_finite_range(heat))
+    colour = _LUT[np.rint(value * 255).astype(np.uint8)]
+    alpha = (np.float32(MAX_OPACITY) * value)[..., None]
+    return np.rint(base * (1 - alpha) + colour * alpha).astype(np.uint8)
 
 
 def peak_frame(frames: np.ndarray) -> int:

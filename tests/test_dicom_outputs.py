@@ -344,6 +344,18 @@ def test_objects_reference_the_sources_and_join_their_study(case: str, request: 
         assert objects[2].SourceImageSequence[0].ReferencedSOPInstanceUID == source.datasets[4].SOPInstanceUID
 
 
+def test_report_keeps_the_most_relevant_regions(mri: DicomSource) -> None:
+    from medxplain_dicom.report import REGION_ROWS
+
+    response = mri_response()
+    rows = [{"index": i, "name": f"R{i}", "hemisphere": None, "voxels": 10, "sum": float(100 - i),
+             "per_voxel": 0.1, "rank": i + 1} for i in range(REGION_ROWS + 5)]
+    response["regions"] = {"gradcam": rows[::-1]}  # order in the body must not matter, rank does
+    sr = render_objects(response, mri, {}, ALGORITHM, "req-regions")[0]
+    regions = {k for k in sr_groups(sr) if k.startswith("gradcam region")}
+    assert regions == {f"gradcam region {i}" for i in range(REGION_ROWS)}
+
+
 def test_overlay_blends_the_map_on_the_image(mammo: DicomSource, mammo_objects) -> None:
     objects, maps = mammo_objects
     sc, grid = objects[2], maps["cam"]
