@@ -4,7 +4,7 @@ Expert concept labels of DeepMiner units are BI-RADS lexicon terms (``ui/lexicon
 ``mass.margin.spiculated``). The DICOM mammography context groups already code them: CID 6004
 (shape), CID 6006 (margin), CID 6010 (calcification type), CID 6014 (single image finding, for the
 intramammary lymph node); the codes here are taken from pydicom's code dictionary so they match
-those CIDs exactly. Terms no standard codes (unit activation, class probability, relevance, ...)
+those CIDs exactly. Terms without standard codes (unit activation, class probability, relevance, ...)
 live in the private scheme ``99MEDXPLAIN`` (the ``99`` prefix is DICOM's reserved private
 designator form, PS3.16 8.2), declared in every object that uses it through
 :data:`CODING_SCHEME`.
@@ -48,7 +48,6 @@ REGION_RELEVANCE_MEAN = private("region-mean", "Region relevance per voxel")
 REGION_RANK = private("region-rank", "Region rank")
 REGION_VOXELS = private("region-voxels", "Region voxel count")
 MODEL_PREDICTION = private("model-prediction", "Model prediction")
-ATTRIBUTION_METHOD = private("attribution", "Attribution method")
 
 NO_UNITS = codes.UCUM.NoUnits  # UCUM "1": activations, contributions, probabilities are ratios
 VOXELS = CodedConcept("{voxels}", "UCUM", "voxels")
@@ -151,8 +150,9 @@ def table_markdown() -> str:
                        ("predicted class", PREDICTED_CLASS),
                        ("calibrated decision", CALIBRATED_DECISION), ("lesion score", LESION_SCORE),
                        ("decision threshold", DECISION_THRESHOLD), ("relevance (map values)", RELEVANCE),
-                       ("region relevance sum / per voxel / rank / voxels", REGION_RELEVANCE_SUM),
-                       ("attribution method", ATTRIBUTION_METHOD)):
+                       ("region relevance sum", REGION_RELEVANCE_SUM),
+                       ("region relevance per voxel", REGION_RELEVANCE_MEAN), ("region rank", REGION_RANK),
+                       ("region voxel count", REGION_VOXELS), ("the prediction group's finding", MODEL_PREDICTION)):
         rows.append(_row(term, code))
     rows.append("| output class *i* / its probability / atlas region *i* / method *m* | 99MEDXPLAIN | "
                 "`class-i` / `prob-i` / `atlas-i` / `m-<method>` | the class name / Probability of <class> / "
