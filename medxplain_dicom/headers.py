@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import copy
 
+from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from pydicom.valuerep import validate_value
 
 from medxplain_contract.errors import UnprocessableInput
 
 _TYPE2_IDENTITY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                    "AccessionNumber", "StudyID", "ReferringPhysicianName")
 _REQUIRED = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Rows", "Columns")
+_COPIED = (*_TYPE2_IDENTITY, "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 
 
 def _present(ds: Dataset, keyword: str) -> bool:
@@ -46,6 +49,7 @@ def identity_ready(ds: Dataset) -> Dataset:
     if missing:
         raise UnprocessableInput("dicom_source_incomplete",
                                  f"the DICOM source lacks {', '.join(missing)}, which DICOM outputs must reference")
+    _check_copied(ds)
     absent = [k for k in _TYPE2_IDENTITY if k not in ds]
     if not absent:
         return ds  # the builders only read their sources; copying 100 slice headers costs ~0.1 s
@@ -53,6 +57,23 @@ def identity_ready(ds: Dataset) -> Dataset:
     for keyword in absent:
         setattr(out, keyword, None)
     return out
+
+
+def _check_copied(ds: Dataset) -> None:
+    """Values the derived objects copy must be valid for their VR: a malformed one (a date that is no date)
+    is the input's fault, a 422 naming the attribute, instead of a builder's exception quoting the value."""
+    for keyword in _COPIED:
+        if keyword not in ds:
+            continue
+        try:
+            elem = ds[keyword]
+            value = elem.value
+            if elem.VM > 1:
+                raise ValueError(keyword)
+            validate_value(elem.VR, str(value) if elem.VR == "PN" else value, config.RAISE)
+        except Exception:  # noqa: BLE001 -- pydicom raises many types; the message would quote the value
+            raise UnprocessableInput("dicom_source_malformed", f"DICOM attribute {keyword} of the source is "
+                                     "malformed or multi-valued; DICOM outputs copy it") from None
 
 
 def has_patient_geometry(ds: Dataset) -> bool:

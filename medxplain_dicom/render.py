@@ -10,6 +10,11 @@ replaces instead of duplicating. Nothing from the headers is logged here.
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -38,9 +43,35 @@ def _frames(source: DicomSource, grid: np.ndarray, method: str) -> np.ndarray:
     return source.to_frames(grid)
 
 
+class _BelowError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+@contextmanager
+def _values_withheld() -> Iterator[None]:
+    """pydicom warns *and* logs with the offending value quoted ("Invalid value for VR DA: '...'"); header
+    values are patient data, so while the builders run its warnings are ignored and its log records below
+    ERROR dropped (highdicom's own records name attributes, never values, and pass)."""
+    logger, quiet = logging.getLogger("pydicom"), _BelowError()
+    logger.addFilter(quiet)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def render_objects(response: dict, source: DicomSource, maps: dict[str, np.ndarray], algorithm: Algorithm,
                    request_key: str) -> list[Dataset]:
     """The DICOM objects of one result (see the module docstring); maps are method -> float map on the sent grid."""
+    with _values_withheld():
+        return _render(response, source, maps, algorithm, request_key)
+
+
+def _render(response: dict, source: DicomSource, maps: dict[str, np.ndarray], algorithm: Algorithm,
+            request_key: str) -> list[Dataset]:
     if not source.datasets:
         raise UnprocessableInput("dicom_source_incomplete", "the DICOM source has no image headers")
     identity = [headers.identity_ready(ds) for ds in source.datasets]

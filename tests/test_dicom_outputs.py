@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -398,6 +399,24 @@ def test_render_is_all_or_nothing(mammo: DicomSource) -> None:
     del no_uid.SOPInstanceUID
     with pytest.raises(UnprocessableInput):
         render_objects(mammo_response(), DicomSource([no_uid], mammo.display), {}, ALGORITHM, "k")
+
+
+def test_malformed_identity_is_refused_without_quoting_it(mammo: DicomSource,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    bad = copy.deepcopy(mammo.datasets[0])
+    with pytest.warns(UserWarning):
+        bad.PatientBirthDate = "NOTADATE77"  # pydicom warns (and logs) as the value is set
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(UnprocessableInput) as err:
+            render_objects(mammo_response(), DicomSource([bad], mammo.display),
+                           {"cam": np.zeros(mammo.display.shape, np.float32)}, ALGORITHM, "k")
+    assert err.value.status == 422 and "PatientBirthDate" in err.value.message
+    assert "NOTADATE77" not in err.value.message
+    assert not [r for r in caplog.records if "NOTADATE77" in r.getMessage()]
+    assert not [w for w in seen if "NOTADATE77" in str(w.message)]
 
 
 def test_nothing_from_the_headers_is_logged(mammo: DicomSource, caplog: pytest.LogCaptureFixture) -> None:
