@@ -52,8 +52,10 @@ def identity_ready(ds: Dataset) -> Dataset:
     _check_copied(ds)
     absent = [k for k in _TYPE2_IDENTITY if k not in ds]
     if not absent:
-        return ds  # the builders only read their sources; copying 100 slice headers costs ~0.1 s
-    out = copy.deepcopy(ds)  # headers only (DicomSource drops pixel data): small
+        return ds  # the builders only read their sources
+    out = Dataset()  # a new element dict sharing the (unchanged) elements: deep copies of 100 slices took 0.1 s
+    for elem in ds:
+        out.add(elem)
     for keyword in absent:
         setattr(out, keyword, None)
     return out

@@ -427,3 +427,14 @@ def test_nothing_from_the_headers_is_logged(mammo: DicomSource, caplog: pytest.L
     secrets = [str(ds.PatientName), str(ds.PatientID), str(ds.AccessionNumber), str(ds.StudyInstanceUID)]
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert not [s for s in secrets if s in logged]
+
+
+def test_render_leaves_the_source_headers_unchanged(mammo: DicomSource) -> None:
+    (ds,) = mammo.datasets
+    partial = copy.deepcopy(ds)
+    del partial.StudyTime, partial.ReferringPhysicianName  # Type 2: the derived objects get them empty
+    before = copy.deepcopy(partial)
+    objects = render_objects(mammo_response(), DicomSource([partial], mammo.display),
+                             {"cam": np.ones(mammo.display.shape, np.float32)}, ALGORITHM, "k")
+    assert partial == before and "FrameOfReferenceUID" not in partial
+    assert all(o.StudyTime in ("", None) for o in objects)
