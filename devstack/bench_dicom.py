@@ -72,6 +72,7 @@ def mr_headers(affine: np.ndarray, shape: tuple[int, int, int]) -> list[Dataset]
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "BENCH^MR", "BENCH-1", "19400101", "F"
         ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20000101", "090000", "BENCH-ACC", "1"
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber, ds.ReferringPhysicianName = "MR", 1, k + 1, ""
+        ds.BodyPartExamined = "BRAIN"
         ds.ImagePositionPatient = [float(v) for v in lps[:3, 3] + k * lps[:3, 2]]
         ds.ImageOrientationPatient = [*(lps[:3, 0] / spacing[0]), *(lps[:3, 1] / spacing[1])]
         ds.PixelSpacing, ds.SliceThickness = [float(spacing[1]), float(spacing[0])], float(spacing[2])

@@ -95,7 +95,7 @@ def build(source: Dataset, grey: np.ndarray, heat: np.ndarray, method: str, algo
         **{k: v for k, v in algorithm.equipment().items() if k != "manufacturer"})
     if "ImageOrientationPatient" not in source:  # projections: as the source says (e.g. A\FR), or empty (Type 2C)
         sc.PatientOrientation = list(source.PatientOrientation) if source.get("PatientOrientation") else None
-    sc.Laterality = parametric_map.laterality(source)
+    parametric_map.copy_anatomy(sc, source)
     sc.BurnedInAnnotation = "NO"
     sc.DerivationDescription = f"{method} heatmap blended on the source image"[:1024]
     reference = Dataset()

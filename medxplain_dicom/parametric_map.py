@@ -19,10 +19,22 @@ from medxplain_dicom import codes
 from medxplain_dicom.algorithm import Algorithm
 
 
-def laterality(ds: Dataset) -> str | None:
-    """General Series Laterality (Type 2C, paired organs): the source's image or series laterality, else empty."""
-    value = ds.get("ImageLaterality") or ds.get("Laterality")
-    return value if value in ("L", "R") else None
+def copy_anatomy(target: Dataset, source: Dataset) -> None:
+    """BodyPartExamined and General Series Laterality (Type 2C, paired organs) as the source states them.
+
+    Laterality is the source's image or series laterality; without one it is left out when the body part
+    is named (validators then know whether it is paired) and empty (unknown) otherwise.
+    """
+    if source.get("BodyPartExamined"):
+        target.BodyPartExamined = source.BodyPartExamined
+    value = source.get("ImageLaterality") or source.get("Laterality")
+    if value in ("L", "R"):
+        target.Laterality = value
+    elif source.get("BodyPartExamined"):
+        if "Laterality" in target:
+            del target.Laterality
+    else:
+        target.Laterality = None
 
 
 def window(frames: np.ndarray) -> hd.VOILUTTransformation:
@@ -56,5 +68,5 @@ def build(sources: list[Dataset], frames: np.ndarray, method: str, algorithm: Al
         content_label="HEATMAP", content_description=f"{method} heatmap ({algorithm.name})"[:64],
         series_description=f"{algorithm.name} {method} heatmap (parametric map)"[:64],
         coding_schemes=[codes.CODING_SCHEME], **algorithm.equipment())
-    pm.Laterality = laterality(sources[0])
+    copy_anatomy(pm, sources[0])
     return pm
