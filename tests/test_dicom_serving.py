@@ -26,8 +26,8 @@ from medxplain_client.__main__ import series_zip
 from medxplain_contract.encodings import decode_map
 from medxplain_contract.multipart import boundary_of, decode_related, encode_related
 from tests import dicom_validate
-from tests.dicom_objects import numbers, pm_frames, sr_groups
 from tests.schema_check import checked
+from tests.test_dicom_outputs import numbers, pm_frames, sr_groups
 
 IDENTITY = ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "AccessionNumber")
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33"}  # Comprehensive 3D SR, Comprehensive SR
@@ -41,7 +41,7 @@ def client(torchserve):
 
 @pytest.fixture(scope="module")
 def mammogram(ddsm_data) -> Path:
-    return sorted((ddsm_data / "dicom").glob("*.dcm"))[0]
+    return min((ddsm_data / "dicom").glob("*.dcm"))
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_bad_dicom_output_requests_are_400s(client, mammogram, params, error):
 
 
 def test_output_dicom_of_a_png_is_refused(client, ddsm_data):
-    png = sorted((ddsm_data / "images").glob("*.png"))[0]
+    png = min((ddsm_data / "images").glob("*.png"))
     with pytest.raises(ClientError) as caught:
         client.dicom("ddsm", png, methods="cam")
     assert (caught.value.status, caught.value.error) == (400, "dicom_output_needs_dicom_input")
