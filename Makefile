@@ -112,7 +112,7 @@ $(MODELS)/%/model.json: $(DATA)/%/dataset.json
 
 # An archive carries the engine code (engine.json = its digest): rebuilt when that code changes, since
 # a batch job refuses an archive whose engine code differs from its own.
-ENGINE_CODE := $(shell find medxplain_contract medxplain_models medxplain_engine handlers -type f -not -path '*/__pycache__/*')
+ENGINE_CODE := $(shell find medxplain_contract medxplain_models medxplain_dicom medxplain_engine handlers -type f -not -path '*/__pycache__/*')
 $(MAR_DIR)/%.mar.sha256: $(MODELS)/%/model.json $(ENGINE_CODE)
 	$(PY) -m model_store archive --bundle $(MODELS)/$* --out $(MAR_DIR)
 
@@ -135,6 +135,7 @@ bench: $(ARCHIVES)
 	$(PY) -m devstack.load --model-store $(MAR_DIR) --data $(DATA)
 	$(PY) -m devstack.bench_similarity --sizes 100000 --dims 512 --queries 300
 	$(PY) -m devstack.bench_merge --sizes 1000,10000
+	$(PY) -m devstack.bench_dicom --build $(BUILD)
 
 # Hospital scale (tens of minutes, several GiB): ANN at 10^5 and 10^6 x 512 / 2048 (2048 at 10^6
 # needs --big: 8 GiB), merge peak RSS at 10^4 vs 10^5 items.

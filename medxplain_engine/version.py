@@ -21,7 +21,7 @@ from pathlib import Path
 ENGINE_VERSION = "0.1.0"  # the project's version (pyproject.toml reads it from here)
 # What produces a result; the runtime adapters (handlers/, batch/) are not engine code. The .mar also
 # carries the TorchServe adapter (model_store/archive.py), identified by the archive digest.
-ENGINE_PACKAGES = ("medxplain_contract", "medxplain_models", "medxplain_engine")
+ENGINE_PACKAGES = ("medxplain_contract", "medxplain_models", "medxplain_dicom", "medxplain_engine")
 
 
 class EngineCodeError(RuntimeError):

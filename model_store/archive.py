@@ -3,7 +3,7 @@
 The archive holds the bundle's files (weights as a state dict, model.json, model card, unit labels,
 MRI normalisation volumes, brain mask and atlas), the per-model ``model-config.yaml``, a one-line
 handler entry module and the engine code it runs: the packages of
-:data:`medxplain_engine.version.ENGINE_PACKAGES` (contract, models, engine) and the TorchServe adapter
+:data:`medxplain_engine.version.ENGINE_PACKAGES` (contract, models, dicom, engine) and the TorchServe adapter
 at the archive's root, plus ``engine.json`` (the engine's version and code digest). TorchServe puts the
 unpacked archive on the worker's ``PYTHONPATH``, so a server needs only the third-party packages
 (``requirements/serve.txt``) and the archive digest identifies all the code that drew a heatmap.

@@ -170,7 +170,8 @@ def test_batch_job_refuses_an_archive_of_other_engine_code(ddsm_bundle, minio_se
 
     monkeypatch.delenv("MEDXAI_ARCHIVE_KEY_FILE", raising=False)
     other = tmp_path / "other-checkout"
-    for package in ("medxplain_contract", "medxplain_models", "medxplain_engine", "handlers", "model_store"):
+    for package in ("medxplain_contract", "medxplain_models", "medxplain_dicom", "medxplain_engine", "handlers",
+                    "model_store"):
         shutil.copytree(ROOT / package, other / package, ignore=shutil.ignore_patterns("__pycache__"))
     with open(other / "medxplain_engine" / "budget.py", "a") as f:
         f.write("# another engine build\n")

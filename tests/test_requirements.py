@@ -98,10 +98,10 @@ def test_engine_sets_do_pull_torch():
 
 IMAGES = {  # image -> (the set it installs, the project packages it copies)
     "serve": ("serve", {"medxplain_contract", "devstack"}),
-    "batch": ("batch", {"medxplain_contract", "medxplain_models", "medxplain_engine", "batch"}),
+    "batch": ("batch", {"medxplain_contract", "medxplain_models", "medxplain_dicom", "medxplain_engine", "batch"}),
     "ui": ("ui", {"medxplain_contract", "medxplain_client", "ui"}),
 }
-PACKAGES = {"medxplain_contract", "medxplain_models", "medxplain_engine", "medxplain_client", "handlers",
+PACKAGES = {"medxplain_contract", "medxplain_models", "medxplain_dicom", "medxplain_engine", "medxplain_client", "handlers",
             "model_store", "batch", "devstack", "ui"}
 
 
@@ -137,12 +137,12 @@ def test_ui_image_has_no_torch():
 
 # --- every import of a deployable's code is installed by its own set ------------------------------------
 
-PROJECT = {"ui", "medxplain_client", "medxplain_contract", "medxplain_models", "medxplain_engine", "handlers",
+PROJECT = {"ui", "medxplain_client", "medxplain_contract", "medxplain_models", "medxplain_dicom", "medxplain_engine", "handlers",
            "batch", "model_store", "devstack", "tests", "docker"}
 CODE_OF_SET = {"contract": ("medxplain_contract",), "client": ("medxplain_client", "medxplain_contract"),
                "ui": ("ui", "medxplain_client", "medxplain_contract"),
-               "serve": ("handlers", "medxplain_engine", "medxplain_models", "medxplain_contract"),
-               "batch": ("batch", "medxplain_engine", "medxplain_models", "medxplain_contract")}
+               "serve": ("handlers", "medxplain_engine", "medxplain_dicom", "medxplain_models", "medxplain_contract"),
+               "batch": ("batch", "medxplain_engine", "medxplain_dicom", "medxplain_models", "medxplain_contract")}
 # Imported only where their own set is installed: the client's gRPC stubs are generated at setup (grpcio-tools
 # is a build tool), and the stub generator is not run inside the images that lack it.
 OPTIONAL = {("client", "grpc_tools"), ("ui", "grpc_tools")}
