@@ -294,6 +294,8 @@ class ShardRun:
                 self.done(processed=False, held=True)
             elif f.error is not None:
                 tasks.append(submit(self.fail, f.item, *f.error, release=f.claimed))
+            elif isinstance(f.prepared, InputError):  # refused by prepare: the engine would pass it through
+                tasks.append(submit(self.fail, f.item, f.prepared.code, f.prepared.message, f.prepared.status))
             elif self.sink is not None and isinstance(f.prepared, Prepared) and f.prepared.source is None:
                 tasks.append(submit(self.fail, f.item, "dicom_output_unavailable", "--stow needs a DICOM input: "
                                     "this item has no DICOM headers to attach derived objects to", 422))

@@ -252,9 +252,11 @@ class Pacs:
         """STOW-RS the datasets in one request; raises PacsError unless the PACS stored every one of them."""
         if not datasets:
             raise PacsError("nothing to store")
-        encoded = [encode(ds) for ds in datasets]  # for the receipt's digest (the client encodes its own copy)
+        encoded = [encode(ds) for ds in datasets]
         try:
-            answer = self.client.store_instances(datasets)
+            # re-read from the Part 10 bytes: the client writes datasets as they are, and one built in memory
+            # has no preamble, so the PACS would keep (and later serve) a file without its DICM prefix
+            answer = self.client.store_instances([pydicom.dcmread(io.BytesIO(b)) for b in encoded])
         except requests.HTTPError as err:
             failed = _failed_from_body(err.response)
             if failed:
