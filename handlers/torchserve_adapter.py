@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import logging
 import time
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 
 from medxplain_contract.errors import InputError, as_row_error
+from medxplain_contract.multipart import encode_related
 from medxplain_engine.budget import Budget
 from medxplain_engine.device import parse_bool
-from medxplain_engine.engine import Engine, EngineRequest
+from medxplain_engine.engine import DicomObjects, Engine, EngineRequest
 from medxplain_engine.version import engine_record
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,17 @@ def encode_row(result: dict | InputError) -> bytes:
     return json.dumps(body, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
+def encode_dicom_row(result: DicomObjects) -> tuple[bytes, str]:
+    """``output=dicom``: the derived objects as DICOM files in one ``multipart/related; type="application/dicom"``
+    body (what a STOW-RS request carries, so a client can forward it to its PACS unchanged)."""
+    parts = []
+    for ds in result.datasets:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        parts.append(buffer.getvalue())
+    return encode_related(parts)
+
+
 def assigned_device(properties: dict) -> str:
     """The device TorchServe assigned this worker, as its own BaseHandler reads it: ``cuda:<gpu_id>`` when
     CUDA is available and the frontend gave a ``gpu_id`` (model-config.yaml ``deviceType: gpu``), else the CPU."""
@@ -157,18 +170,22 @@ class EngineHandler:
         refused = 0
         for i, result in enumerate(results):
             encode_started = time.perf_counter()
+            content_type = "application/json"
             try:
-                body = encode_row(result)
+                if isinstance(result, DicomObjects):
+                    body, content_type = encode_dicom_row(result)
+                else:
+                    body = encode_row(result)
                 if not isinstance(result, InputError) and self.budget is not None:
                     self.budget.check_encoded(len(body))
             except Exception as err:  # noqa: BLE001 -- isolated to its row (handlers/errors.as_row_error)
                 result = as_row_error(err, "encode", log)
-                body = encode_row(result)
+                body, content_type = encode_row(result), "application/json"
             if isinstance(result, InputError):
                 refused += 1
                 log.info("request %d rejected: %s", i, result.code)  # the code only: never input content
                 _set_status(context, i, result)
-            _set_content_type(context, i)
+            _set_content_type(context, i, content_type)
             out.append(body)
             json_ms.append(_ms(encode_started))
         handler_ms = _ms(started)
@@ -186,7 +203,10 @@ class EngineHandler:
         started = time.perf_counter()
         for i, row in enumerate(data):
             try:
-                requests.append(parse_row(row or {}, _is_explain(context, i)))
+                request = parse_row(row or {}, _is_explain(context, i))
+                if _accepts_dicom(context, i):
+                    request.params.setdefault("output", "dicom")
+                requests.append(request)
             except Exception as err:  # noqa: BLE001 -- isolated to its row (handlers/errors.as_row_error)
                 requests.append(as_row_error(err, "parse", log))
         self._parse_ms = _ms(started)
@@ -214,9 +234,9 @@ def _set_status(context, idx: int, err: InputError) -> None:
         log.debug("could not set the status of row %d", idx)
 
 
-def _set_content_type(context, idx: int) -> None:
+def _set_content_type(context, idx: int, content_type: str) -> None:
     try:
-        context.set_response_content_type(idx, "application/json")
+        context.set_response_content_type(idx, content_type)
     except Exception:  # noqa: BLE001 -- as _set_status
         log.debug("could not set the content type of row %d", idx)
 
@@ -226,6 +246,17 @@ def _is_describe(context) -> bool:
         return str(context.get_request_header(0, "describe")) == "True"
     except (AttributeError, KeyError, IndexError, TypeError):
         return False
+
+
+def _accepts_dicom(context, idx: int) -> bool:
+    """``Accept: multipart/related; type="application/dicom"`` asks for DICOM objects, as ``output=dicom`` does."""
+    accept = ""
+    for name in ("Accept", "accept"):  # TorchServe keeps header names as the client sent them
+        try:
+            accept += str(context.get_request_header(idx, name) or "").lower()
+        except Exception:  # noqa: BLE001, S112 -- no header, or a context without headers
+            continue
+    return "multipart/related" in accept and "application/dicom" in accept
 
 
 def _is_explain(context, idx: int) -> bool:

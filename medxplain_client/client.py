@@ -54,7 +54,17 @@ class Client:
             params["explain"] = methods
         return self._send(model, path_or_bytes, params, explain=True)
 
-    def _send(self, model: str, path_or_bytes: str | Path | bytes, params: dict, explain: bool) -> dict:
+    def dicom(self, model: str, path_or_bytes: str | Path | bytes, methods: Iterable[str] | str | None = None,
+              **params) -> list[bytes]:
+        """The derived DICOM files of a DICOM input (``output=dicom``, REST only): a TID 1500 SR, and per method
+        in ``methods`` a float Parametric Map and an RGB overlay; the body a STOW-RS request carries."""
+        if not isinstance(self.transport, RestTransport):
+            raise TypeError("DICOM outputs come over REST only (multipart/related); use transport='rest'")
+        if methods is not None:
+            params["explain"] = methods
+        return self._send(model, path_or_bytes, params, explain=False, dicom=True)
+
+    def _send(self, model: str, path_or_bytes: str | Path | bytes, params: dict, explain: bool, dicom: bool = False):
         if isinstance(path_or_bytes, bytes):
             payload, filename = path_or_bytes, "input"
         else:
@@ -64,6 +74,8 @@ class Client:
         while True:
             attempt += 1
             try:
+                if dicom:
+                    return self.transport.send_for_dicom(model, payload, filename, fields, explain)  # type: ignore[union-attr]
                 return self.transport.send(model, payload, filename, fields, explain)
             except ClientError as err:
                 err.attempts = attempt

@@ -13,7 +13,10 @@ import grpc
 import requests
 
 from medxplain_client.errors import ClientError, ConnectionFailed
+from medxplain_contract.errors import InputError
+from medxplain_contract.multipart import DICOM_TYPE, boundary_of, decode_related
 
+DICOM_ACCEPT = f'multipart/related; type="{DICOM_TYPE}"'
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # max_request_size / max_response_size in docker/serve/config.properties
 
 # The inverse of TorchServe's GRPCUtils.getGRPCStatusCode (HTTP status -> gRPC status).
@@ -40,19 +43,37 @@ class RestTransport:
             self.session.headers["Authorization"] = f"Bearer {token}"
 
     def send(self, model: str, payload: bytes, filename: str, fields: dict[str, str], explain: bool) -> dict:
+        r = self._post(model, payload, filename, fields, explain, {})
+        body = _json(r.content)
+        if r.status_code >= 400:
+            raise _rest_error(r.status_code, body, r.reason or "", r.text)
+        return _checked(body)
+
+    def send_for_dicom(self, model: str, payload: bytes, filename: str, fields: dict[str, str],
+                       explain: bool) -> list[bytes]:
+        """``output=dicom``: the derived DICOM files of the ``multipart/related`` answer, in order."""
+        r = self._post(model, payload, filename, {**fields, "output": "dicom"}, explain, {"Accept": DICOM_ACCEPT})
+        if r.status_code >= 400:
+            raise _rest_error(r.status_code, _json(r.content), r.reason or "", r.text)
+        boundary = boundary_of(r.headers.get("Content-Type", ""))
+        if boundary is None:
+            raise ClientError(502, "bad_response", "the server did not answer with multipart/related DICOM")
+        try:
+            return decode_related(r.content, boundary)
+        except InputError as err:
+            raise ClientError(502, "bad_response", f"the server's multipart answer is malformed: {err.message}") from None
+
+    def _post(self, model: str, payload: bytes, filename: str, fields: dict[str, str], explain: bool,
+              headers: dict[str, str]) -> requests.Response:
         url = f"{self.base_url}/{'explanations' if explain else 'predictions'}/{quote(model, safe='')}"
         try:
-            r = self.session.post(url, files={"data": (filename, payload, "application/octet-stream")},
-                                  data=fields, timeout=self.timeout)
+            return self.session.post(url, files={"data": (filename, payload, "application/octet-stream")},
+                                     data=fields, headers=headers, timeout=self.timeout)
         except requests.ConnectionError as err:  # includes connect timeouts: nothing was processed
             reason = getattr(err.args[0], "reason", err) if err.args else err  # urllib3's cause, not its retry text
             raise ConnectionFailed(f"cannot reach {self.base_url}: {reason}") from None
         except requests.Timeout:
             raise ClientError(504, "timeout", f"no answer from {self.base_url} within {self.timeout:g}s") from None
-        body = _json(r.content)
-        if r.status_code >= 400:
-            raise _rest_error(r.status_code, body, r.reason or "", r.text)
-        return _checked(body)
 
     def close(self) -> None:
         self.session.close()

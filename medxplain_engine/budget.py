@@ -25,6 +25,8 @@ DEFAULT_RESPONSE_LIMIT = 64 * MIB  # docker/serve/config.properties max_response
 BASE64 = 4 / 3
 JSON_OVERHEAD = 64 * 1024  # prediction, units, input meta, timings
 PER_MAP_OVERHEAD = 1024
+DICOM_BYTES_PER_ELEMENT = 4 + 3  # float32 Parametric Map + 8-bit RGB Secondary Capture (a volume's overlay is one slice)
+DICOM_OVERHEAD = 64 * 1024  # headers of each object, and the SR
 REGION_TABLE_BYTES = 160  # one MRI atlas region row in `regions`
 UNIT_MAP_PASSES = 0.25  # upsampling + encoding one unit map, in forward-pass equivalents
 
@@ -111,6 +113,8 @@ class Budget:
     # -- response size ---------------------------------------------------------------------------
 
     def estimate_response(self, n_maps: int, map_elements: int, encoding: str, region_rows: int = 0) -> int:
+        if encoding == "dicom":  # output=dicom: a float32 Parametric Map + an RGB overlay per map, binary parts
+            return int(DICOM_OVERHEAD + n_maps * (map_elements * DICOM_BYTES_PER_ELEMENT + DICOM_OVERHEAD))
         bytes_per = 2.0 if encoding == "float16" else 1.0 / self.assumed_compression
         return int(JSON_OVERHEAD + region_rows * REGION_TABLE_BYTES
                    + n_maps * (map_elements * bytes_per * BASE64 + PER_MAP_OVERHEAD))

@@ -15,14 +15,16 @@ puts maps back into the sent frame from it and reports it as ``input.geometry``.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydicom.dataset import Dataset
 from torch import nn
 
 from medxplain_contract.dicom_source import DicomSource
@@ -131,10 +133,19 @@ class Explanation:
 
 @dataclass
 class Result:
-    """One item's response (the JSON the API returns) and, when asked, its batch features."""
+    """One item's response (the JSON the API returns) and, when asked, its batch features and DICOM objects."""
 
     response: dict
     features: ItemFeatures | None = None
+    dicom: list[Dataset] | None = None  # the derived DICOM objects (render_dicom), all built or none
+
+
+@dataclass
+class DicomObjects:
+    """An ``output=dicom`` request's answer: the derived objects, and the JSON response they render."""
+
+    response: dict
+    datasets: list[Dataset]
 
 
 # --- the engine ----------------------------------------------------------------------------------
@@ -211,13 +222,19 @@ class Engine(ABC):
 
     # -- composed runs ----------------------------------------------------------------------------
 
-    def run(self, requests: list[EngineRequest]) -> list[dict | InputError]:
-        """The online path: one response (or its error) per request, in order."""
+    def run(self, requests: list[EngineRequest]) -> list[dict | DicomObjects | InputError]:
+        """The online path: one response (or its error) per request, in order; ``output=dicom`` rows get
+        their :class:`DicomObjects`."""
         results = self.run_prepared([self.prepare_isolated(r) for r in requests])
-        return [r if isinstance(r, InputError) else r.response for r in results]
+        return [r if isinstance(r, InputError) else DicomObjects(r.response, r.dicom) if r.dicom is not None
+                else r.response for r in results]
 
-    def run_prepared(self, items: list[Prepared | InputError], with_features: bool = False) -> list[Result | InputError]:
-        """infer -> explain -> serialise (-> features) for prepared items; errors pass through in place.
+    def run_prepared(self, items: list[Prepared | InputError], with_features: bool = False,
+                     with_dicom: bool = False) -> list[Result | InputError]:
+        """infer -> explain -> serialise (-> features, -> DICOM objects) for prepared items; errors pass through.
+
+        DICOM objects are rendered for ``output=dicom`` items, and with ``with_dicom`` (a batch run's DICOMweb
+        sink) for every item that came from DICOM (others get ``Result.dicom = None``).
 
         Every stage is isolated per item: whatever one item raises becomes that item's error and the
         others go on (``infer`` retries a failed batched forward item by item). Each response's
@@ -240,8 +257,14 @@ class Engine(ABC):
                 started = time.perf_counter()
                 response = self.serialise(item, inference, explanation)
                 response["timing_ms"]["serialise"] = _ms(started)
+                dicom = None
+                if item.options.output == "dicom" or (with_dicom and item.source is not None):
+                    stage = "dicom"
+                    started = time.perf_counter()
+                    dicom = self.render_dicom(item, inference, explanation, response)
+                    response["timing_ms"]["dicom"] = _ms(started)
                 stage = "features"
-                results[i] = Result(response, self.features(item, inference) if with_features else None)
+                results[i] = Result(response, self.features(item, inference) if with_features else None, dicom)
             except Exception as err:  # noqa: BLE001 -- isolate the item, keep the batch and the worker
                 results[i] = as_row_error(err, stage, log)
         return results
@@ -258,6 +281,9 @@ class Engine(ABC):
             stage = "decode"
             item = self.decode(request.payload, options)
             item.inputs = item.inputs.to(self.device)  # decoded on the host, analysed on the engine's device
+            if options.output == "dicom" and item.source is None:
+                raise InputError("dicom_output_needs_dicom_input", "output=dicom needs a DICOM input (a mammogram "
+                                 "DICOM file, an MRI DICOM series): derived objects attach to the source study")
             stage = "budget"
             self.check_budget(item)
             item.timing_ms["prepare"] = _ms(started)
@@ -290,6 +316,9 @@ class Engine(ABC):
         """Explanation cost and response size, before the forward pass (medxplain_engine/budget.py)."""
         options = item.options
         self.budget.check_cost(self.methods, options, self.cost_input(item))
+        if options.output == "dicom":  # the objects replace the JSON: unit maps and map encodings are not returned
+            self.budget.check_response(len(options.explain), self.output_elements(item), "dicom")
+            return
         n_maps = len(options.explain) + (options.top_k if options.unit_maps else 0)
         self.budget.check_response(n_maps, self.output_elements(item), self.map_encoding(options),
                                    self.region_rows(options))
@@ -435,6 +464,22 @@ class Engine(ABC):
         response["warnings"] = item.warnings
         return finite_json(response)
 
+    # -- stage 6: DICOM objects (only when asked) ---------------------------------------------------
+
+    def render_dicom(self, item: Prepared, inference: Inference, explanation: Explanation,
+                     response: dict) -> list[Dataset]:
+        """The item's derived DICOM objects (``medxplain_dicom``): a TID 1500 SR of the response, and per heatmap
+        a float Parametric Map and an RGB overlay on the source's grid; all built, or an error and none."""
+        from medxplain_dicom.render import Algorithm, render_objects
+
+        if item.source is None:
+            raise InputError("dicom_output_needs_dicom_input", "DICOM outputs need a DICOM input")
+        maps = {name: np.asarray(self.to_sent_frame(item, relevance[None])[0], dtype=np.float32)
+                for name, relevance in explanation.heatmaps.items()}
+        algorithm = Algorithm(name=self.bundle.name, version=str(self.bundle.version),
+                              archive_digest=self.archive_digest, engine_version=str(self.engine_record["version"]))
+        return render_objects(response, item.source, maps, algorithm, request_key(item.options))
+
     def inference_meta(self, inference: Inference) -> dict:
         """What the forward pass adds to the response's ``input`` (full mammograms: class scores, map shape)."""
         return {}
@@ -456,6 +501,13 @@ class Engine(ABC):
         if not quality:
             return {}
         return {"quality": {setting: {k: q.get(k) for k in ("sanity", "pointing_game")} for setting, q in quality.items()}}
+
+
+def request_key(options: RequestOptions) -> str:
+    """The options that shape a result, canonically: part of the derived objects' deterministic UIDs, so the
+    same input, archive and options give the same UIDs (a STOW re-run stores nothing new)."""
+    fields = {k: v for k, v in sorted(asdict(options).items()) if k != "output"}
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), default=list)
 
 
 def _ms(started: float) -> float:

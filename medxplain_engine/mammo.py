@@ -89,13 +89,13 @@ class DDSMEngine(Engine):
         meta = {"format": image.source_format, "bits": image.bits, "height": h, "width": w}
         if (h, w) == (PATCH_SIZE, PATCH_SIZE):
             return Prepared(torch.from_numpy(image.pixels)[None, None], "patch", options, Geometry2D((h, w), (h, w)),
-                            {**meta, "mode": "patch"})
+                            {**meta, "mode": "patch"}, source=image.source)
         scale = FULL_IMAGE_SHORT_SIDE / min(h, w)
         size = (max(PATCH_SIZE, round(w * scale)), max(PATCH_SIZE, round(h * scale)))  # PIL order: (cols, rows)
         self.budget.check_image(h, w, (size[1], size[0]))  # before the resize allocates it
         resized = np.array(Image.fromarray(image.pixels).resize(size, Image.BILINEAR), dtype=np.float32)
         return Prepared(torch.from_numpy(resized)[None, None], "full", options, Geometry2D((h, w), (size[1], size[0])),
-                        {**meta, "mode": "full_image", "analysed_size": [size[1], size[0]]})
+                        {**meta, "mode": "full_image", "analysed_size": [size[1], size[0]]}, source=image.source)
 
     @torch.inference_mode()
     def forward(self, mode: str, items: list[Prepared]) -> list[Inference]:

@@ -63,9 +63,10 @@ class ADNIEngine(Engine):
             warnings.append(f"input of shape {list(volume.data.shape)} was resampled onto the model's "
                             f"{list(prep.shape)} template grid (MNI-152); results are only meaningful for scans "
                             "registered to that template; heatmaps are returned on the input's grid")
-        meta = {"format": "nifti", "shape": list(volume.data.shape), "resampled": geometry.resampled,
+        meta = {"format": "dicom" if volume.source else "nifti", "shape": list(volume.data.shape), "resampled": geometry.resampled,
                 "affine": np.round(volume.affine, 6).tolist()}
-        return Prepared(torch.from_numpy(prep.normalise(data))[None, None], "volume", options, geometry, meta, warnings)
+        return Prepared(torch.from_numpy(prep.normalise(data))[None, None], "volume", options, geometry, meta, warnings,
+                        source=volume.source)
 
     def _resample(self, data: np.ndarray, affine: np.ndarray) -> np.ndarray:
         if not self._overlaps(data.shape, affine):

@@ -48,7 +48,7 @@ def parse_options(params: dict, class_names: list[str], methods: dict[str, objec
         raise InputError("unknown_parameter", f"{len(unknown)} unknown parameter name(s){hint}; "
                          f"allowed: {', '.join(sorted(_FIELDS))}")
     top_k = _int(params.get("top_k", params.get("k", 8)), "top_k", 0, num_units)
-    return RequestOptions(
+    options = RequestOptions(
         top_k=top_k,
         target=_target(params.get("target"), class_names),
         explain=_methods(params.get("explain"), methods, default_methods),
@@ -59,6 +59,9 @@ def parse_options(params: dict, class_names: list[str], methods: dict[str, objec
         ig_steps=_int(params.get("ig_steps", 16), "ig_steps", 2, 128),
         output=_choice(params.get("output", "json"), "output", OUTPUTS),
     )
+    if options.output == "dicom" and options.unit_maps:
+        raise InputError("bad_parameter", "unit_maps are not rendered as DICOM objects: ask for them with output=json")
+    return options
 
 
 def _close_match(name) -> str:

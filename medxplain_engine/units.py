@@ -23,5 +23,6 @@ def rank_units(activations: np.ndarray, weights: np.ndarray, k: int, unit_labels
     labelled = unit_labels.get("units", {})
     return [{"unit": int(u), "rank": rank + 1, "activation": float(activations[u]), "weight": float(weights[u]),
              "contribution": float(contributions[u]), "weight_source": weight_source,
-             "labels": list(labelled.get(str(int(u)), {}).get("labels", []))}
+             "labels": list(labelled.get(str(int(u)), {}).get("labels", [])),
+             "concepts": list(labelled.get(str(int(u)), {}).get("concepts", []))}
             for rank, u in enumerate(order)]
