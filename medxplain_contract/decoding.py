@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from medxplain_contract import dicom
+from medxplain_contract import dicom, dicom_series, series_bodies
 from medxplain_contract.dicom_source import DicomSource
 from medxplain_contract.errors import InputError, PayloadTooLarge, UnsupportedMediaType
 
@@ -27,6 +27,7 @@ MIN_IMAGE_SIDE = 32
 MAX_VOLUME_VOXELS = 64_000_000  # 1 mm whole head at 400^3; the model grid is 8.5 M voxels
 MAX_DECOMPRESSED_BYTES = 512 * 1024 * 1024
 MAX_DICOM_INFLATED = 2 * MAX_IMAGE_PIXELS + (16 << 20)  # 16-bit pixels of the largest image + header
+MAX_SERIES_FILES = dicom_series.MAX_SERIES_FILES
 
 
 @dataclass
@@ -62,6 +63,10 @@ def sniff(data: bytes) -> str:
         return "tiff"
     if data[:2] == b"\x1f\x8b":
         return "gzip"
+    if series_bodies.is_zip(data):
+        return "zip"
+    if series_bodies.is_related(data):
+        return "multipart"
     if len(data) >= 348 and data[344:348] in (b"n+1\x00", b"ni1\x00"):
         return "nifti"
     return "unknown"
@@ -128,16 +133,17 @@ def _decode_pil(data: bytes, kind: str) -> Image2D:
 def _decode_dicom(data: bytes) -> Image2D:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-    ds = dicom.read_dataset(data, MAX_DICOM_INFLATED)
+    ds = dicom.read_dataset(data, MAX_DICOM_INFLATED)  # single-frame image objects only (see there)
     rows, cols = dicom.int_attribute(ds, "Rows"), dicom.int_attribute(ds, "Columns")
     _check_size(rows, cols)
-    if dicom.int_attribute(ds, "NumberOfFrames", 1) != 1 or dicom.int_attribute(ds, "SamplesPerPixel", 1) != 1:
-        raise InputError("unsupported_dicom", "only single-frame greyscale DICOM images are supported")
+    if dicom.int_attribute(ds, "SamplesPerPixel", 1) != 1:
+        raise InputError("unsupported_dicom", "only greyscale DICOM images are supported")
     bits = dicom.int_attribute(ds, "BitsStored", 16)
     dicom.check_codestream(ds, rows, cols)  # before the decoder allocates what the codestream claims
     try:
-        raw = ds.pixel_array
-        arr = apply_voi_lut(apply_modality_lut(raw, ds), ds).astype(np.float32)
+        with dicom.quiet():
+            raw = ds.pixel_array
+            arr = apply_voi_lut(apply_modality_lut(raw, ds), ds).astype(np.float32)
     except MemoryError:
         raise PayloadTooLarge("image_too_large", "the DICOM pixel data does not fit in memory") from None
     except Exception:  # noqa: BLE001 -- pydicom raises many types for broken or undecodable pixel data
@@ -150,7 +156,7 @@ def _decode_dicom(data: bytes) -> Image2D:
     arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     if dicom.text_attribute(ds, "PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
         arr = 1.0 - arr  # MONOCHROME1: high values are dark
-    return Image2D(pixels=arr, source_format="dicom", bits=bits)
+    return Image2D(pixels=arr, source_format="dicom", bits=bits, source=DicomSource([ds], display=arr))
 
 
 def _finite(arr: np.ndarray) -> np.ndarray:
@@ -160,16 +166,27 @@ def _finite(arr: np.ndarray) -> np.ndarray:
 
 
 def decode_volume(data: bytes) -> Volume:
+    """NIfTI-1 (.nii, .nii.gz), or an MRI DICOM series as a zip archive or a ``multipart/related`` body."""
     if not data:
         raise InputError("empty_body", "the request carries no volume")
     kind = sniff(data)
     if kind == "gzip":
         data = _gunzip(data)
         kind = sniff(data)
-    if kind in ("png", "jpeg", "tiff", "dicom"):
-        raise UnsupportedMediaType("wrong_modality", "this model takes 3D NIfTI volumes (.nii, .nii.gz), not 2D images")
+    if kind == "zip":
+        return decode_series(series_bodies.unzip(data, MAX_SERIES_FILES, MAX_DICOM_INFLATED, MAX_DECOMPRESSED_BYTES))
+    if kind == "multipart":
+        return decode_series(series_bodies.split_related(data, MAX_SERIES_FILES))
+    if kind == "dicom":
+        dicom.read_dataset(data, MAX_DICOM_INFLATED)  # a non-image, multi-frame or undecodable object says so
+        raise UnsupportedMediaType("wrong_modality", "one DICOM image is not a volume: send the whole MRI series "
+                                   "(a zip or multipart/related body of its DICOM files) or a NIfTI file")
+    if kind in ("png", "jpeg", "tiff"):
+        raise UnsupportedMediaType("wrong_modality", "this model takes 3D volumes (NIfTI, or a DICOM series as a "
+                                   "zip or multipart/related body), not 2D images")
     if kind != "nifti":
-        raise UnsupportedMediaType("unknown_format", "unrecognised volume format: send NIfTI-1 (.nii or .nii.gz) bytes")
+        raise UnsupportedMediaType("unknown_format", "unrecognised volume format: send NIfTI-1 (.nii or .nii.gz) "
+                                   "bytes, or a DICOM series as a zip or multipart/related body")
     try:
         img = nib.Nifti1Image.from_bytes(data)
         shape = img.shape
@@ -192,6 +209,14 @@ def decode_volume(data: bytes) -> Volume:
     if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
         raise InputError("bad_affine", "the NIfTI file has no usable voxel-to-world affine")
     return Volume(data=_finite(arr), affine=np.asarray(affine, dtype=np.float64))
+
+
+def decode_series(files: list[bytes]) -> Volume:
+    """DICOM files of one MRI series -> its volume; the headers (one per slice) travel as the volume's source."""
+    data, affine, datasets = dicom_series.assemble(files, MAX_VOLUME_VOXELS, MAX_DICOM_INFLATED)
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise InputError("bad_affine", "the series geometry gives no usable voxel-to-world affine")
+    return Volume(data=data, affine=affine, source=DicomSource(datasets, display=data))
 
 
 def _gunzip(data: bytes) -> bytes:

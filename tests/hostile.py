@@ -15,6 +15,7 @@ import io
 import json
 import math
 import struct
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 
@@ -125,8 +126,59 @@ def dicom_structures(dicom: bytes) -> st.SearchStrategy[bytes]:
         "RescaleSlope": st.sampled_from(["1e308", "-1", "0"]), "WindowWidth": st.sampled_from(["0", "-5", "1e30"]),
         "TransferSyntaxUID": st.sampled_from(["1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
                                               "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5", "1.2.3.4"]),
+        "SOPClassUID": st.sampled_from(NON_IMAGE_OR_MULTIFRAME),
     })
     return st.builds(_dicom_with, st.just(dicom), changes)
+
+
+# SR, RT Plan, PDF (no pixels in their IODs); Enhanced MR, SEG, Breast Tomosynthesis (multi-frame); a made-up UID
+NON_IMAGE_OR_MULTIFRAME = ["1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.481.5",
+                           "1.2.840.10008.5.1.4.1.1.104.1", "1.2.840.10008.5.1.4.1.1.4.1",
+                           "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.13.1.3", "1.2.3.4.5"]
+_DECIMALS = st.sampled_from(["0", "-1", "1e308", "1e-30", "2", "0.5", "-7.25"])
+SERIES_CHANGES = {
+    "Rows": st.integers(0, 65_535), "Columns": st.integers(0, 65_535),
+    "NumberOfFrames": st.sampled_from(["2", "0", "1000000"]), "SamplesPerPixel": st.sampled_from([3, 0]),
+    "BitsAllocated": st.sampled_from([1, 8, 32, 12]), "PixelRepresentation": st.sampled_from([1, 2]),
+    "ImagePositionPatient": st.lists(_DECIMALS, min_size=0, max_size=4),
+    "ImageOrientationPatient": st.lists(_DECIMALS, min_size=0, max_size=7),
+    "PixelSpacing": st.lists(_DECIMALS, min_size=0, max_size=3),
+    "SeriesInstanceUID": st.sampled_from(["1.2.3", "1.2.3.4.5.6.7"]),
+    "FrameOfReferenceUID": st.sampled_from(["1.2.3", "1.2.3.4.5.6.7"]),
+    "RescaleSlope": st.sampled_from(["1e308", "-1", "0"]),
+    "SOPClassUID": st.sampled_from(NON_IMAGE_OR_MULTIFRAME),
+    "TransferSyntaxUID": st.sampled_from(["1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.4.100",
+                                          "1.2.840.10008.1.2.5", "1.2.3.4"]),
+}
+
+
+def _series_body(files: list[bytes], edits: list[tuple[int, dict]], drop: list[int], order: list[int],
+                 packing: str) -> bytes:
+    """A series with some slices rewritten or dropped, in some order, as a zip or a multipart/related body."""
+    from medxplain_contract.multipart import encode_related
+
+    edited = list(files)
+    for index, changes in edits:
+        edited[index % len(files)] = _dicom_with(edited[index % len(files)], changes)
+    kept = [edited[i % len(files)] for i in order if i % len(files) not in set(drop)]
+    if packing == "multipart":
+        return encode_related(kept)[0] if kept else b"--x\r\n"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i, data in enumerate(kept):
+            zf.writestr(f"series/IM{i:04d}", data)
+    return buf.getvalue()
+
+
+def series_bodies(files: list[bytes]) -> st.SearchStrategy[bytes]:
+    """Structurally hostile DICOM series: header fields rewritten, slices dropped, duplicated or reordered."""
+    n = len(files)
+    changes = st.fixed_dictionaries({}, optional=SERIES_CHANGES)
+    return st.builds(_series_body, st.just(files), st.lists(st.tuples(st.integers(0, n - 1), changes), max_size=3),
+                     st.lists(st.integers(0, n - 1), max_size=3),
+                     st.one_of(st.just(list(range(n))), st.permutations(list(range(n))),
+                               st.lists(st.integers(0, n - 1), min_size=1, max_size=n + 2)),
+                     st.sampled_from(["zip", "multipart"]))
 
 
 def nifti_structures(nii_gz: bytes) -> st.SearchStrategy[bytes]:

@@ -208,7 +208,7 @@ def test_dataset_layout_and_manifest(dataset, subjects):
     for name in ("template.nii.gz", "brain_mask.nii.gz", "atlas.nii.gz", "atlas_labels.csv", "dataset.json"):
         assert (dataset / name).is_file(), name
     assert [s["subject_id"] for s in subjects] == [f"S{i:04d}" for i in range(1, N_SUBJECTS + 1)]
-    assert list(subjects[0]) == ["subject_id", "split", "label", "label_name", "path", "mask_path"]
+    assert list(subjects[0]) == ["subject_id", "split", "label", "label_name", "path", "mask_path", "dicom_path"]
     for s in subjects:
         assert mri.CLASS_NAMES[int(s["label"])] == s["label_name"]
         assert (dataset / s["path"]).is_file() and (dataset / s["mask_path"]).is_file()

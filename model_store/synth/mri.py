@@ -24,6 +24,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from medxplain_models.atlas import Region, build_atlas, save_nifti, write_atlas
+from model_store.synth.mri_dicom import write_series
 
 SEED_SHAPE = (193, 229, 193)
 CLASS_NAMES = ("CN", "AD")
@@ -413,11 +414,14 @@ def generate_dataset(
     resolution_mm: int = 2,
     split: Sequence[float] = (0.7, 0.15, 0.15),
     progress: bool = True,
+    n_dicom: int = 2,
 ) -> Path:
     """Write a balanced CN/AD dataset (NIfTI images + masks + CSV/JSON index); returns out_dir.
 
     Subject i (id S{i+1:04d}, label i % 2) is generated from SeedSequence((seed, i)), so
-    results do not depend on generation order or n_subjects. Paths in subjects.csv are
+    results do not depend on generation order or n_subjects. The first ``n_dicom`` subjects
+    are also written as an MR DICOM series ``dicom/{subject}/`` (one file per k-slice, made-up
+    patient tags; ``dicom_path`` column, empty for the others). Paths in subjects.csv are
     relative to out_dir.
     """
     out_dir = Path(out_dir)
@@ -439,11 +443,15 @@ def generate_dataset(
         image_path, mask_path = f"images/{subject_id}.nii.gz", f"masks/{subject_id}.nii.gz"
         save_nifti(out_dir / image_path, volume, affine)
         save_nifti(out_dir / mask_path, mask, affine)
-        rows.append([subject_id, splits[i], labels[i], CLASS_NAMES[labels[i]], image_path, mask_path])
+        dicom_path = ""
+        if i < n_dicom:
+            dicom_path = f"dicom/{subject_id}"
+            write_series(volume, affine, out_dir / dicom_path, subject_id, seed, subject_index=i)
+        rows.append([subject_id, splits[i], labels[i], CLASS_NAMES[labels[i]], image_path, mask_path, dicom_path])
 
     with open(out_dir / "subjects.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["subject_id", "split", "label", "label_name", "path", "mask_path"])
+        writer.writerow(["subject_id", "split", "label", "label_name", "path", "mask_path", "dicom_path"])
         writer.writerows(rows)
     _write_manifest(out_dir, seed, resolution_mm, template.shape, affine, labels, splits, split)
     return out_dir
