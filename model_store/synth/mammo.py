@@ -39,6 +39,7 @@ from tqdm import tqdm
 from medxplain_models.tiling import PATCH_SIZE, extract_patch, label_components, tile_grid, tile_label
 
 GENERATOR_NAME = "medxai-synth-mammo"
+DETECTOR_HEIGHT_MM = 210.0  # nominal detector height of the DICOM copies: ImagerPixelSpacing = this / rows
 VERSION = "1.0.0"
 CLASS_NAMES = ("normal", "benign", "malignant")
 SIDES = ("LEFT", "RIGHT")
@@ -581,6 +582,8 @@ def _write_dicom(
     ds.PatientBirthDate = f"{1940 + 7 * n % 40}{n % 12 + 1:02d}{n % 28 + 1:02d}"
     ds.PatientSex = "F"
     ds.StudyDate = ds.ContentDate = "20000101"
+    ds.StudyTime = ds.ContentTime = "090000"
+    ds.ReferringPhysicianName = ""
     ds.StudyID = f"{n}"
     ds.AccessionNumber = f"SYN-ACC-{n:06d}"
     ds.Modality = "MG"
@@ -597,6 +600,9 @@ def _write_dicom(
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = image.shape
+    # Detector pixel size (Type 1 in the DX Detector module; derived DICOM objects need a pixel spacing):
+    # a nominal 21 cm detector height over the image's rows, so it stays fixed for a given image size.
+    ds.ImagerPixelSpacing = [f"{DETECTOR_HEIGHT_MM / image.shape[0]:.6f}"] * 2
     ds.BitsAllocated = 16
     ds.BitsStored = 16
     ds.HighBit = 15
