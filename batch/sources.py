@@ -27,13 +27,13 @@ from medxplain_contract import dicomweb
 from medxplain_contract.layout import join
 from medxplain_contract.multipart import encode_related
 from medxplain_contract.storage import Bucket, parse_s3_url
+from medxplain_dicom.algorithm import MANUFACTURER  # of every derived object we write: never an input
 
 EXTENSIONS = {"ddsm": (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"), "adni": (".nii", ".nii.gz")}
 INDEX_FILES = {"ddsm": "images.csv", "adni": "subjects.csv"}
 MAX_INPUT_BYTES = 512 * 1024 * 1024  # the engine's own decompressed limit; larger files are refused unread
 SERIES_SUFFIX = ".dcm"  # the files of a DICOM series folder (MRI)
 MODALITIES = {"ddsm": "MG", "adni": "MR"}  # the DICOMweb source's default modality filter
-DERIVED_MANUFACTURER = "medxplain"  # Manufacturer prefix of our own derived objects (medxplain_dicom): never inputs
 
 
 class SourceError(ValueError):
@@ -146,8 +146,8 @@ class DicomwebSource:
     """Inputs from a DICOMweb service: QIDO-RS finds them, WADO-RS retrieves the stored files.
 
     Filters: ``study`` / ``series`` (UIDs) and ``modality`` (default: the model's, MG or MR; ``any``:
-    none). Series of our own derived objects (Manufacturer MedXplain...: results stored by an
-    earlier ``--stow``) are never inputs. Non-image objects the filters select (an SR, an RT plan)
+    none). Series of our own derived objects (Manufacturer ``medxplain_dicom.algorithm.MANUFACTURER``:
+    results stored by an earlier ``--stow``) are never inputs. Non-image objects the filters select (an SR, an RT plan)
     stay items and fail as bad input, so nothing is silently dropped.
     """
 
@@ -170,7 +170,7 @@ class DicomwebSource:
         found = self.pacs.series(self.study, self.series_uid, self.modality)
         keys: list[str] = []
         for row in found:
-            if (row.get("Manufacturer") or "").strip().lower().startswith(DERIVED_MANUFACTURER):
+            if (row.get("Manufacturer") or "").strip() == MANUFACTURER:
                 self.skipped_derived += 1
                 continue
             study, series = row["StudyInstanceUID"], row["SeriesInstanceUID"]
