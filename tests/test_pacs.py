@@ -278,11 +278,15 @@ def test_non_image_objects_in_a_study_are_failure_records_and_nothing_is_stored(
     result = run_batch(_options(model_store, s3, pacs_config, input=pacs.url, study=study, modality="any",
                                 stow=pacs.url, output=f"s3://{BUCKET}/bad-inputs"))
     assert result.exit_code == 1 and len(result.failed) == 2 and result.processed == 0
-    assert set(result.failed.values()) <= {"dicom_without_pixels", "corrupt_dicom", "unsupported_dicom"}
+    assert set(result.failed.values()) == {"not_an_image"}
     assert _instances(pacs) == before
     client = s3.client()
     failures = [k for k in objects(client, BUCKET, "bad-inputs") if k.startswith("failures/")]
     assert len(failures) == 2
+    for key in failures:  # a clear 4xx record that names no UID and no patient tag
+        record = json.loads(read(client, BUCKET, f"bad-inputs/{key}"))
+        assert record["status"] == 415 and "SYN-PID" not in json.dumps(record)
+        assert not any(str(d.SOPInstanceUID) in json.dumps(record) for d in bad)
     assert not any(k.startswith("items/") and k.endswith(MARKER) for k in objects(client, BUCKET, "bad-inputs"))
 
 
@@ -337,7 +341,7 @@ def test_batch_from_pacs_to_pacs_and_minio(pacs, mammo_study, model_store, s3, p
     assert stored == 3 * n  # per image: an SR, a parametric map and an RGB overlay for cam
     reader = RunReader(Bucket(s3, BUCKET), "to-pacs")
     ids = Pseudonyms(ID_KEY)
-    derived = [s for s in pacs.series(study, modality="any") if s["Manufacturer"] == MANUFACTURER]
+    derived = [s for s in pacs.series(study) if s["Manufacturer"] == MANUFACTURER]
     assert derived, "the derived series carry the MedXplain manufacturer (batch/sources.py leaves them out)"
     written = []
     for s in derived:
@@ -381,3 +385,52 @@ def test_batch_from_pacs_to_pacs_and_minio(pacs, mammo_study, model_store, s3, p
     listing = run_batch(_options(model_store, s3, pacs_config, input=pacs.url, study=study, modality="any",
                                  output=f"s3://{BUCKET}/after-stow"))
     assert listing.items == n and listing.exit_code == 0
+
+
+@needs_dicom_stage
+def test_mri_series_from_pacs_and_from_a_folder_agree_and_a_gap_is_a_failure(adni_data, pacs, model_store, s3,
+                                                                              pacs_config, tmp_path):
+    good, gapped = sorted(p for p in (adni_data / "dicom").iterdir() if p.is_dir())[:2]
+    good_files = sorted(good.glob("*.dcm"))
+    gapped_files = sorted(gapped.glob("*.dcm"))
+    del gapped_files[len(gapped_files) // 2]  # a series with a missing slice
+    good_sets = [pydicom.dcmread(f) for f in good_files]
+    pacs.store(good_sets)
+    pacs.store([pydicom.dcmread(f) for f in gapped_files])
+    good_study, gapped_study = str(good_sets[0].StudyInstanceUID), str(pydicom.dcmread(gapped_files[0]).StudyInstanceUID)
+    before_good, before_gapped = _instances(pacs, good_study), _instances(pacs, gapped_study)
+    adni = {"model": "adni", "archive": model_store / "adni.mar", "explain": ("gradcam",)}
+    result = run_batch(_options(model_store, s3, pacs_config, input=pacs.url, stow=pacs.url,
+                                output=f"s3://{BUCKET}/mri-pacs", **adni))
+    assert result.items == 2 and result.processed == 1 and list(result.failed.values()) == ["incomplete_series"]
+    assert _instances(pacs, gapped_study) == before_gapped  # nothing stored for the bad series
+    assert _instances(pacs, good_study) > before_good
+    folder = tmp_path / "series-folder"
+    shutil.copytree(good, folder / "S-good")
+    local = run_batch(_options(model_store, s3, pacs_config, input=str(folder), output=f"s3://{BUCKET}/mri-folder",
+                               **adni))
+    assert local.processed == 1 and local.exit_code == 0
+    ids = Pseudonyms(ID_KEY)
+    remote_id = ids.item_id(f"studies/{good_study}/series/{good_sets[0].SeriesInstanceUID}")
+    remote = RunReader(Bucket(s3, BUCKET), "mri-pacs")
+    a = remote.result(remote_id)
+    b = RunReader(Bucket(s3, BUCKET), "mri-folder").result(ids.item_id("S-good/"))
+    assert a["prediction"] == b["prediction"] and a["regions"] == b["regions"]
+    # the parametric map holds the run's Grad-CAM map, slice by slice, referencing the source slices
+    heatmap = remote.heatmap(remote_id, "gradcam", a)
+    derived = [s for s in pacs.series(good_study) if s["Manufacturer"] == MANUFACTURER]
+    maps = []
+    for s in derived:
+        for inst in pacs.instances(good_study, s["SeriesInstanceUID"]):
+            [data] = pacs.retrieve(good_study, s["SeriesInstanceUID"], inst["SOPInstanceUID"], max_bytes=1 << 30)
+            ds = pydicom.dcmread(io.BytesIO(data))
+            assert dicom_validate.errors(ds) == [], (ds.SOPClassUID.name, dicom_validate.errors(ds))
+            if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30":
+                maps.append(ds)
+    [pm] = maps
+    values, refs = pm_frames(pm)
+    slice_of = {str(ds.SOPInstanceUID): k for k, ds in enumerate(good_sets)}  # files are written in k order
+    frames = np.transpose(heatmap, (2, 1, 0))
+    scale = float(np.abs(heatmap).max())
+    for frame, uid in zip(values, refs):
+        np.testing.assert_allclose(frame, frames[slice_of[uid]], rtol=1e-3, atol=1e-3 * scale)
