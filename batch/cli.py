@@ -1,10 +1,12 @@
 """``python -m batch``: run one shard of a batch inference job into object storage, or merge a run.
 
-    run     infer over a local folder or s3:// prefix and write per-item objects (resumable)
+    run     infer over a local folder, s3:// prefix or DICOMweb service and write per-item objects (resumable)
     merge   build run-level outputs and run.json once every shard has finished (idempotent)
 
 Storage settings: MEDXAI_S3_ENDPOINT, MEDXAI_S3_ACCESS_KEY(_FILE), MEDXAI_S3_SECRET_KEY(_FILE),
 MEDXAI_S3_REGION, or an env file (--s3-env / MEDXAI_S3_ENV_FILE, e.g. build/stack/minio.env).
+PACS settings (a DICOMweb --input or --stow): MEDXAI_DICOMWEB_USERNAME(_FILE), MEDXAI_DICOMWEB_PASSWORD(_FILE),
+or an env file (--dicomweb-env / MEDXAI_DICOMWEB_ENV_FILE, e.g. build/stack/orthanc.env); never in the URL.
 Exit codes: 0 all items done, 1 some items failed (see failures/ in the run) or failed their
 integrity check, 2 usage, settings or credential errors (also: a re-run with other result options).
 Fault injection for drills and tests: MEDXAI_FAULT_KILL_ON_SOURCE (see batch/faults.py).
@@ -24,11 +26,13 @@ from batch.merge import MergeError, merge_run
 from batch.pseudonyms import PseudonymError
 from batch.runner import RunOptions, UsageError, run_batch
 from batch.sources import SourceError
+from medxplain_contract.dicomweb import PacsError
 from medxplain_contract.storage import S3ConfigError, StorageConfigError, StorageUnavailable
 from medxplain_engine.device import DEVICE_CHOICES, DeviceError, resolve_device
 
 USER_ERRORS = (UsageError, ArchiveError, SourceError, S3ConfigError, StorageConfigError, MergeError,
-               FingerprintMismatch, PseudonymError, DeviceError)
+               FingerprintMismatch, PseudonymError, DeviceError, PacsError)  # PacsError: at start (credentials,
+# reachability, the search); a PACS failure on one item is that item's failure record
 
 
 def _shard(value: str) -> tuple[int, int]:
@@ -74,8 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", required=True, choices=["ddsm", "adni"])
     run.add_argument("--archive", required=True, type=Path, help="the .mar TorchServe serves")
     run.add_argument("--input", required=True, metavar="SOURCE",
-                     help="local folder (recursive) or s3://bucket/prefix; an images.csv (ddsm) / subjects.csv "
-                          "(adni) index at its root defines the items and their ground truth")
+                     help="local folder (recursive), s3://bucket/prefix, or a DICOMweb root http(s)://host/dicom-web "
+                          "(QIDO-RS search, WADO-RS retrieve: one item per instance for ddsm, per series for adni); "
+                          "an images.csv (ddsm) / subjects.csv (adni) index at a folder's root defines the items and "
+                          "their ground truth; for adni a folder of .dcm files is one series item")
+    run.add_argument("--study", metavar="UID", help="DICOMweb source: only this study")
+    run.add_argument("--series", metavar="UID", help="DICOMweb source: only this series")
+    run.add_argument("--modality", metavar="CODE",
+                     help="DICOMweb source: only series of this modality (default MG for ddsm, MR for adni; 'any': "
+                          "no filter, so non-image objects of a study become failure records)")
+    run.add_argument("--stow", metavar="URL",
+                     help="DICOMweb root to STOW-RS each item's derived objects to (SR, parametric map and RGB "
+                          "overlay per method), after its results are in the output prefix; DICOM inputs only")
+    run.add_argument("--dicomweb-env", type=Path, metavar="FILE",
+                     help="KEY=VALUE file with MEDXAI_DICOMWEB_* credentials (default: MEDXAI_DICOMWEB_ENV_FILE)")
     run.add_argument("--output", required=True, metavar="s3://BUCKET/PREFIX")
     run.add_argument("--explain", default="", metavar="METHODS", help="comma-separated attribution methods")
     group = run.add_mutually_exclusive_group()
@@ -150,7 +166,8 @@ def _run(args: argparse.Namespace) -> int:
                          threads=args.threads, io_threads=args.io_threads, s3_env=args.s3_env,
                          progress=not args.no_progress, merge=not args.no_merge,
                          id_key=_id_key(args.id_key_file), max_attempts=args.max_attempts, device=args.device,
-                         amp=args.amp, eager=args.eager)
+                         amp=args.amp, eager=args.eager, study=args.study, series=args.series,
+                         modality=args.modality, stow=args.stow, dicomweb_env=args.dicomweb_env)
     result = run_batch(options)
     print(result.summary_line())
     for item_id, code in sorted(result.failed.items()):

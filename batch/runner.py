@@ -35,7 +35,9 @@ from batch.claims import Writer
 from batch.fingerprint import check_or_record
 from batch.items import content_type, failure_record, item_objects, json_bytes, npz_bytes
 from batch.pseudonyms import open_pseudonyms, record_sources
-from batch.sources import MAX_INPUT_BYTES, Source, SourceItem, plan_items, shard_of
+from batch.sink import MARKER, DicomSink
+from batch.sources import MAX_INPUT_BYTES, DicomwebSource, Source, SourceItem, open_source, plan_items, shard_of
+from medxplain_contract import dicomweb
 from medxplain_contract.errors import InputError
 from medxplain_contract.layout import COMPLETE, RunLayout
 from medxplain_contract.storage import (
@@ -63,7 +65,7 @@ class UsageError(ValueError):
 class RunOptions:
     model: str  # "ddsm" | "adni"
     archive: Path
-    input: str  # local folder or s3://bucket/prefix
+    input: str  # local folder, s3://bucket/prefix or a DICOMweb root http(s)://host/dicom-web
     output: str  # s3://bucket/prefix
     explain: tuple[str, ...] = ()
     shard: int = 0
@@ -84,12 +86,21 @@ class RunOptions:
     eager: bool = False  # True: leave out the CPU speed-ups the archive's model-config turns on (as served)
     device: str = "cpu"  # "auto" | "cpu" | "cuda" | "cuda:N" (medxplain_engine/device.py)
     amp: bool = False  # autocast for forward-only items (no --explain); result-changing, so fingerprinted
+    study: str | None = field(default=None, repr=False)  # DICOMweb source filters (UIDs: never recorded)
+    series: str | None = field(default=None, repr=False)
+    modality: str | None = None  # DICOMweb source: default the model's (MG / MR); "any": no filter
+    stow: str | None = None  # DICOMweb root to STOW-RS each item's derived objects to (batch/sink.py)
+    dicomweb_env: Path | None = None  # env file with MEDXAI_DICOMWEB_* credentials
+    dicomweb: dicomweb.DicomwebConfig | None = field(default=None, repr=False)  # overrides dicomweb_env (API)
 
     def arguments(self) -> dict:
         return {"model": self.model, "archive": str(self.archive), "input": self.input, "output": self.output,
                 "explain": list(self.explain), "shard": f"{self.shard}/{self.shards}",
                 "labels": str(self.labels) if self.labels else None, "split": self.split, "batch_size": self.batch_size,
-                "top_k": self.top_k, "threads": self.threads, "device": self.device, "amp": self.amp}
+                "top_k": self.top_k, "threads": self.threads, "device": self.device, "amp": self.amp,
+                **({"dicomweb_filters": {"study": bool(self.study), "series": bool(self.series),
+                                         "modality": self.modality}} if self.study or self.series or self.modality else {}),
+                **({"stow": dicomweb.display_url(self.stow)} if self.stow else {})}
 
 
 @dataclass
@@ -148,10 +159,12 @@ Submit = Callable[..., object]
 class ShardRun:
     """State of one invocation; :func:`run_batch` is the entry point."""
 
-    def __init__(self, options: RunOptions, out: Bucket, prefix: str, loaded: LoadedArchive, source: Source,
-                 writer: Writer) -> None:
+    def __init__(self, options: RunOptions, out: Bucket, prefix: str, loaded: LoadedArchive,
+                 source: Source | DicomwebSource, writer: Writer, sink: DicomSink | None = None) -> None:
         self.options, self.out, self.prefix, self.loaded, self.source = options, out, prefix, loaded, source
         self.writer = writer
+        self.sink = sink  # --stow: derived DICOM objects go to the PACS before an item is complete
+        self.stow_only: set[str] = set()  # complete items of an earlier run without --stow: send their objects only
         self.engine = loaded.engine
         self.params = {"top_k": options.top_k, "explain": ",".join(options.explain)}
         self.request_options = self.engine.options(self.params)
@@ -166,9 +179,9 @@ class ShardRun:
     # -- per item ---------------------------------------------------------------------------------
 
     def fetch(self, item: SourceItem) -> Fetched:
-        if item.size is None:
+        if item.size is None and self.source.sized:
             return Fetched(item, error=("missing_input", "listed in the index but not found in the source"))
-        if item.size > MAX_INPUT_BYTES:
+        if item.size is not None and item.size > MAX_INPUT_BYTES:
             return Fetched(item, error=("input_too_large", f"file of {item.size} bytes exceeds {MAX_INPUT_BYTES}"))
         try:
             claim = self.writer.claim(item.item_id, self.options.max_attempts)
@@ -178,7 +191,8 @@ class ShardRun:
             return Fetched(item, error=("storage_unavailable", f"could not record the attempt: {_reason(err)}"))
         if claim.status == "held":
             return Fetched(item, held=True)
-        if claim.status == "claimed" and self.out.stat(RunLayout(self.prefix).complete(item.item_id)) is not None:
+        if (claim.status == "claimed" and item.item_id not in self.stow_only
+                and self.out.stat(RunLayout(self.prefix).complete(item.item_id)) is not None):
             # Planned as incomplete, but another writer completed it and released its claim since:
             # leave its committed objects alone (they must never be overwritten).
             self.writer.release(item.item_id)
@@ -192,17 +206,32 @@ class ShardRun:
             mask = self.source.read_optional(item.mask_key) if item.mask_key else None
         except StorageConfigError:
             raise
+        except dicomweb.PacsTooLarge as err:
+            return Fetched(item, error=("input_too_large", str(err)), claimed=True)
+        except dicomweb.PacsError as err:  # one line without UIDs or credentials
+            return Fetched(item, error=("input_unreadable", f"could not read the input: {err}"), claimed=True)
         except Exception as err:  # noqa: BLE001 - missing object, I/O error, long outage: this item only
             return Fetched(item, error=("input_unreadable", f"could not read the input: {_reason(err)}"), claimed=True)
         faults.before_decode(item.key)
         return Fetched(item, self.engine.prepare_isolated(EngineRequest(payload, self.params)), mask, claimed=True)
 
-    def store_item(self, fetched: Fetched, response: dict, features) -> None:
+    def store_item(self, fetched: Fetched, response: dict, features, datasets: list | None = None) -> None:
         item = fetched.item
+        if self.sink is not None and not datasets:  # checked before anything is written
+            self.fail(item, "dicom_output_unavailable", "--stow needs a DICOM input: this item has no DICOM "
+                      "headers to attach derived objects to", 422)
+            return
         try:
+            if item.item_id in self.stow_only:  # its MinIO objects are committed already: the PACS only
+                self.stow(item, datasets)
+                self.writer.release(item.item_id)
+                self.done(processed=True)
+                return
             objects = item_objects(self.engine.kind, item, response, features, fetched.mask)
             digests = {name: self.out.put(RunLayout(self.prefix).item(item.item_id, name), data, content_type(name))
                        for name, data in objects.items()}
+            if self.sink is not None:  # all objects in MinIO: now the PACS, then the marker, then complete
+                digests[MARKER] = self.stow(item, datasets)
             try:
                 self.out.put_if(RunLayout(self.prefix).complete(item.item_id), json_bytes(digests), "application/json")
             except PreconditionFailed:  # another writer committed it first; readers check its marker
@@ -216,11 +245,19 @@ class ShardRun:
         except (StorageUnavailable, StorageConfigError) as err:
             self.fail(item, "storage_unavailable", str(err))
             return
+        except dicomweb.PacsError as err:  # nothing marked: a re-run sends the same objects (same UIDs) again
+            self.fail(item, "pacs_store_failed", str(err))
+            return
         except Exception as err:
             log.exception("writing item %s failed", item.item_id)
             self.fail(item, "internal_error", f"writing the outputs failed: {type(err).__name__}")
             return
         self.done(processed=True)
+
+    def stow(self, item: SourceItem, datasets: list) -> str:
+        """STOW-RS the item's derived objects, then write its marker; returns the marker's sha256."""
+        record = self.sink.store(datasets)
+        return self.out.put(self.sink.marker_key(item.item_id), json_bytes(record), "application/json")
 
     def fail(self, item: SourceItem, code: str, message: str, status: int | None = None, *,
              release: bool = True) -> None:
@@ -257,12 +294,18 @@ class ShardRun:
                 self.done(processed=False, held=True)
             elif f.error is not None:
                 tasks.append(submit(self.fail, f.item, *f.error, release=f.claimed))
+            elif isinstance(f.prepared, InputError):  # refused by prepare: the engine would pass it through
+                tasks.append(submit(self.fail, f.item, f.prepared.code, f.prepared.message, f.prepared.status))
+            elif self.sink is not None and isinstance(f.prepared, Prepared) and f.prepared.source is None:
+                tasks.append(submit(self.fail, f.item, "dicom_output_unavailable", "--stow needs a DICOM input: "
+                                    "this item has no DICOM headers to attach derived objects to", 422))
             else:
                 ok.append(f)
         if not ok:
             return tasks
         try:
-            results = self.engine.run_prepared([f.prepared for f in ok], with_features=True)
+            dicom = {"with_dicom": True} if self.sink is not None else {}  # the engine's DICOM stage (issue 14)
+            results = self.engine.run_prepared([f.prepared for f in ok], with_features=True, **dicom)
         except Exception as err:  # e.g. out of memory: fail this batch, keep the run going
             log.exception("a batch failed in the engine")
             results = [InputError("internal_error", f"inference failed: {type(err).__name__}")] * len(ok)
@@ -271,7 +314,7 @@ class ShardRun:
             if isinstance(r, InputError):
                 tasks.append(submit(self.fail, f.item, r.code, r.message, r.status))
             else:
-                tasks.append(submit(self.store_item, f, r.response, r.features))
+                tasks.append(submit(self.store_item, f, r.response, r.features, getattr(r, "dicom", None)))
         return tasks
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -382,6 +425,13 @@ def run_batch(options: RunOptions) -> ShardResult:
     bucket_name, prefix = parse_s3_url(options.output)
     out = Bucket(config, bucket_name, options.retry)
     out.ensure(create=True)
+    source_pacs, sink_pacs = connect_pacs(options)  # a wrong password fails here, before any work
+    try:
+        source = open_source(options.input, lambda: config, kind=options.model, pacs=source_pacs,
+                             study=options.study, series=options.series, modality=options.modality)
+    except dicomweb.PacsConfigError as err:
+        raise UsageError(str(err)) from None
+    sink = DicomSink(sink_pacs, out, prefix) if sink_pacs is not None else None
     # as served (the archive's speed-ups), so batch == online; eager is within float32 rounding: not a resume change
     loaded = load_archive(options.archive, options.model, options.device, options.amp, options.eager)
     writer = Writer(out, prefix)
@@ -389,7 +439,7 @@ def run_batch(options: RunOptions) -> ShardResult:
         if options.threads:
             torch.set_num_threads(options.threads)
         try:
-            shard_run = ShardRun(options, out, prefix, loaded, Source(options.input, lambda: config), writer)
+            shard_run = ShardRun(options, out, prefix, loaded, source, writer, sink)
         except InputError as err:
             raise UsageError(f"bad option: {err.message}") from None
         pseudonyms = open_pseudonyms(out, prefix, options.id_key)
@@ -406,6 +456,10 @@ def run_batch(options: RunOptions) -> ShardResult:
         shard_run.previous_failures = manifest.listed_ids(out, prefix, "failures", ".json")
         attempted = manifest.listed_ids(out, prefix, "attempts", ".json")
         todo = [i for i in mine if i.item_id not in complete]
+        if sink is not None:  # complete before --stow was given: their derived objects still go to the PACS
+            stored = manifest.listed_ids(out, prefix, "items", "/" + MARKER)
+            shard_run.stow_only = {i.item_id for i in mine if i.item_id in complete and i.item_id not in stored}
+            todo += [i for i in mine if i.item_id in shard_run.stow_only]
         result = shard_run.result
         result.items, result.skipped = len(mine), len(mine) - len(todo)
         loop_started = time.perf_counter()
@@ -443,6 +497,23 @@ def run_batch(options: RunOptions) -> ShardResult:
     finally:
         writer.stop()
         loaded.close()
+
+
+def connect_pacs(options: RunOptions) -> tuple[dicomweb.Pacs | None, dicomweb.Pacs | None]:
+    """The DICOMweb source and sink (``--stow``), each checked with one request (PacsAuthError: exit 2).
+
+    Both use the same credentials (``--dicomweb-env`` / MEDXAI_DICOMWEB_*): usually one PACS.
+    """
+    source_url = options.input if dicomweb.is_dicomweb_url(options.input) else None
+    if source_url is None and options.stow is None:
+        return None, None
+    config = options.dicomweb or dicomweb.DicomwebConfig.from_env(env_file=options.dicomweb_env)
+    source = dicomweb.connect(source_url, config) if source_url else None
+    if options.stow is None:
+        return source, None
+    if source is not None and dicomweb.check_url(options.stow) == source.url:
+        return source, source  # one PACS: one session
+    return source, dicomweb.connect(options.stow, config)
 
 
 def compute_fingerprint(device: torch.device, amp: bool) -> dict:

@@ -1,4 +1,10 @@
-"""Where a run's inputs come from: a local folder or an ``s3://`` prefix, plus their ground truth.
+"""Where a run's inputs come from: a local folder, an ``s3://`` prefix or a DICOMweb service, plus their truth.
+
+Items: files with the model's extensions; for the MRI model also DICOM series, each a folder of
+``.dcm`` files (one item, its key the folder with a trailing ``/``, handed to the engine as one
+``multipart/related`` body). From DICOMweb (``http(s)://host/dicom-web``, QIDO-RS search, WADO-RS
+retrieve): one item per instance (mammograms) or per series (MRI), keyed
+``studies/<uid>/series/<uid>[/instances/<uid>]`` relative to the service root.
 
 Item ids are pseudonyms of the key relative to the input prefix (``batch.pseudonyms``: a keyed
 digest, never the file name itself and never anything inside the file, such as DICOM patient tags);
@@ -17,12 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from batch.pseudonyms import Pseudonyms
+from medxplain_contract import dicomweb
 from medxplain_contract.layout import join
+from medxplain_contract.multipart import encode_related
 from medxplain_contract.storage import Bucket, parse_s3_url
+from medxplain_dicom.algorithm import MANUFACTURER  # of every derived object we write: never an input
 
 EXTENSIONS = {"ddsm": (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"), "adni": (".nii", ".nii.gz")}
 INDEX_FILES = {"ddsm": "images.csv", "adni": "subjects.csv"}
 MAX_INPUT_BYTES = 512 * 1024 * 1024  # the engine's own decompressed limit; larger files are refused unread
+SERIES_SUFFIX = ".dcm"  # the files of a DICOM series folder (MRI)
+MODALITIES = {"ddsm": "MG", "adni": "MR"}  # the DICOMweb source's default modality filter
 
 
 class SourceError(ValueError):
@@ -55,8 +66,11 @@ def shard_of(item_id: str, shards: int) -> int:
 class Source:
     """Lists and reads input files; ``root`` is a local folder or a bucket prefix."""
 
+    sized = True  # the listing knows every input's size (DICOMweb's does not)
+
     def __init__(self, spec: str, config_getter=None) -> None:
         self.spec = spec
+        self._listing: dict[str, int] | None = None
         if spec.startswith("s3://"):
             bucket, self.prefix = parse_s3_url(spec)
             if config_getter is None:
@@ -71,7 +85,12 @@ class Source:
                 raise SourceError(f"input folder not found: {spec}")
 
     def list(self) -> dict[str, int]:
-        """Relative key -> size of every file under the source."""
+        """Relative key -> size of every file under the source (listed once, then remembered)."""
+        if self._listing is None:
+            self._listing = self._list()
+        return self._listing
+
+    def _list(self) -> dict[str, int]:
         if self.bucket is not None:
             base = self.prefix + "/" if self.prefix else ""
             return {k[len(base):]: size for k, size in self.bucket.list(base)}
@@ -79,6 +98,16 @@ class Source:
                 for p in sorted(self.root.rglob("*")) if p.is_file()}
 
     def read(self, key: str) -> bytes:
+        """A file's bytes; for a series folder (``key`` ends in ``/``) its ``.dcm`` files as one
+        ``multipart/related`` body, in name order (the engine sorts slices by position anyway)."""
+        if key.endswith("/"):
+            members = series_members(self.list(), key)
+            if not members:
+                raise FileNotFoundError("the series folder holds no .dcm files")
+            return encode_related([self._read_file(k) for k in members])[0]
+        return self._read_file(key)
+
+    def _read_file(self, key: str) -> bytes:
         if self.bucket is not None:
             return self.bucket.get(join(self.prefix, key))
         path = (self.root / key).resolve()
@@ -97,7 +126,116 @@ class Source:
             raise
 
 
-def plan_items(source: Source, kind: str, class_names: list[str], labels_csv: Path | None,
+def series_members(listing: dict[str, int | None], folder: str) -> list[str]:
+    """The ``.dcm`` files directly inside ``folder`` (a key ending in ``/``), sorted."""
+    return sorted(k for k in listing if k.startswith(folder) and "/" not in k[len(folder):]
+                  and k.lower().endswith(SERIES_SUFFIX))
+
+
+def series_folders(listing: dict[str, int | None]) -> dict[str, int]:
+    """Every folder holding ``.dcm`` files (one MRI series each) -> their total size."""
+    folders: dict[str, int] = {}
+    for key, size in listing.items():
+        if key.lower().endswith(SERIES_SUFFIX) and "/" in key:
+            folder = key.rsplit("/", 1)[0] + "/"
+            folders[folder] = folders.get(folder, 0) + (size or 0)
+    return folders
+
+
+class DicomwebSource:
+    """Inputs from a DICOMweb service: QIDO-RS finds them, WADO-RS retrieves the stored files.
+
+    Filters: ``study`` / ``series`` (UIDs) and ``modality`` (default: the model's, MG or MR; ``any``:
+    none). Series of our own derived objects (Manufacturer ``medxplain_dicom.algorithm.MANUFACTURER``:
+    results stored by an earlier ``--stow``) are never inputs. Non-image objects the filters select (an SR, an RT plan)
+    stay items and fail as bad input, so nothing is silently dropped.
+    """
+
+    sized = False  # QIDO gives no sizes: each retrieve is capped at MAX_INPUT_BYTES instead
+
+    def __init__(self, pacs: dicomweb.Pacs, kind: str, study: str | None = None, series: str | None = None,
+                 modality: str | None = None) -> None:
+        self.pacs, self.kind, self.study, self.series_uid = pacs, kind, study, series
+        chosen = (modality or MODALITIES[kind]).strip()
+        self.modality = None if chosen.lower() == "any" else chosen.upper()
+        self.skipped_derived = 0  # series of our own results left out
+        self._listing: dict[str, int | None] | None = None
+
+    def list(self) -> dict[str, int | None]:
+        if self._listing is None:
+            self._listing = self._search()
+        return self._listing
+
+    def _search(self) -> dict[str, int | None]:
+        found = self.pacs.series(self.study, self.series_uid, self.modality)
+        keys: list[str] = []
+        for row in found:
+            if (row.get("Manufacturer") or "").strip() == MANUFACTURER:
+                self.skipped_derived += 1
+                continue
+            study, series = row["StudyInstanceUID"], row["SeriesInstanceUID"]
+            if not study or not series:
+                continue
+            if self.kind == "adni":
+                keys.append(f"studies/{study}/series/{series}")
+                continue
+            keys += [f"studies/{study}/series/{series}/instances/{i['SOPInstanceUID']}"
+                     for i in self.pacs.instances(study, series) if i.get("SOPInstanceUID")]
+        return dict.fromkeys(sorted(keys))
+
+    def read(self, key: str) -> bytes:
+        """The instance's file (mammogram), or the series' files as one ``multipart/related`` body (MRI)."""
+        parts = key.split("/")
+        if len(parts) == 4 and parts[0] == "studies" and parts[2] == "series":
+            files = self.pacs.retrieve(parts[1], parts[3], max_bytes=MAX_INPUT_BYTES)
+            return encode_related(files)[0]
+        if len(parts) == 6 and parts[0] == "studies" and parts[2] == "series" and parts[4] == "instances":
+            files = self.pacs.retrieve(parts[1], parts[3], parts[5], max_bytes=MAX_INPUT_BYTES)
+            if len(files) != 1:
+                raise dicomweb.PacsError("retrieving an instance: the PACS sent more than one object")
+            return files[0]
+        raise SourceError("a DICOMweb item key must be studies/<uid>/series/<uid>[/instances/<uid>]")
+
+    def read_optional(self, key: str) -> bytes | None:
+        return None  # no masks in a PACS
+
+
+def open_source(spec: str, config_getter=None, *, kind: str, pacs: dicomweb.Pacs | None = None,
+                study: str | None = None, series: str | None = None,
+                modality: str | None = None) -> Source | DicomwebSource:
+    """The source ``spec`` names: a DICOMweb root URL (with ``pacs`` connected to it), s3:// or a folder."""
+    if dicomweb.is_dicomweb_url(spec):
+        if pacs is None:
+            raise SourceError("a DICOMweb source needs DICOMweb settings")
+        return DicomwebSource(pacs, kind, study, series, modality)
+    if study or series or modality:
+        raise SourceError("--study, --series and --modality filter a DICOMweb source (--input http(s)://...)")
+    return Source(spec, config_getter)
+
+
+def _candidates(listing: dict[str, int | None], kind: str, source) -> dict[str, int | None]:
+    """Key -> size of the inputs a source without an index holds."""
+    if isinstance(source, DicomwebSource):
+        return listing
+    found = {k: listing[k] for k in listing if k.lower().endswith(EXTENSIONS[kind])}
+    if kind == "adni":
+        found.update(series_folders(listing))
+    return found
+
+
+def _size_of(listing: dict[str, int | None], key: str, kind: str) -> int | None:
+    """An index row's input size; None when it is not in the source (MRI rows may name series folders)."""
+    if key in listing:
+        return listing[key]
+    if kind == "adni":
+        folder = key.rstrip("/") + "/"
+        members = series_members(listing, folder)
+        if members:
+            return sum(listing[m] or 0 for m in members)
+    return None
+
+
+def plan_items(source: Source | DicomwebSource, kind: str, class_names: list[str], labels_csv: Path | None,
                split: str | None = None, *, pseudonyms: Pseudonyms) -> tuple[list[SourceItem], str]:
     """All items of the source (every shard computes the same list) and where truth came from.
 
@@ -114,9 +252,10 @@ def plan_items(source: Source, kind: str, class_names: list[str], labels_csv: Pa
     else:
         if split is not None:
             raise SourceError(f"--split needs an index with a 'split' column ({index_name} or --labels)")
-        keys = sorted(k for k in listing if k.lower().endswith(EXTENSIONS[kind]))
+        found = _candidates(listing, kind, source)
+        keys = sorted(found)
         ids = assign_ids(keys, pseudonyms)
-        return [SourceItem(ids[k], k, listing[k]) for k in keys], "none"
+        return [SourceItem(ids[k], k, found[k]) for k in keys], "none"
     if split is not None:
         if "split" not in rows[0]:
             raise SourceError(f"--split {split}: the index has no 'split' column")
@@ -124,12 +263,15 @@ def plan_items(source: Source, kind: str, class_names: list[str], labels_csv: Pa
         if not rows:
             raise SourceError(f"--split {split}: no index row has that split")
     keys = [_relative(r["path"], n) for n, r in enumerate(rows, start=2)]
+    if kind == "adni":  # a row naming a series folder: the folder key with its trailing slash
+        keys = [k.rstrip("/") + "/" if series_members(listing, k.rstrip("/") + "/") and k not in listing else k
+                for k in keys]
     ids = assign_ids(keys, pseudonyms)
     items = []
     for key, n, row in sorted(zip(keys, range(2, len(rows) + 2), rows), key=lambda e: (e[0], e[1])):
         mask = row.get("mask_path") or None
         case = row.get("case_id") or row.get("subject_id") or None
-        items.append(SourceItem(ids[key], key, listing.get(key), pseudonyms.case_id(case) if case else None,
+        items.append(SourceItem(ids[key], key, _size_of(listing, key, kind), pseudonyms.case_id(case) if case else None,
                                 _truth(row, class_names), _relative(mask, n) if mask else None))
     return items, origin
 
@@ -138,7 +280,7 @@ def _relative(path: str, row: int) -> str:
     posix = PurePosixPath(path.replace("\\", "/"))
     if posix.is_absolute() or ".." in posix.parts:  # the path itself is not echoed: it may name a patient
         raise SourceError(f"index paths must be relative to the source and stay inside it (row {row})")
-    return posix.as_posix()
+    return posix.as_posix() + ("/" if path.endswith("/") and posix.as_posix() != "." else "")
 
 
 def _read_index(data: bytes, name: str) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Real MinIO and TorchServe processes on 127.0.0.1, for the tests, `make serve` and `make demo`.
+"""Real MinIO, TorchServe and Orthanc processes on 127.0.0.1, for the tests, `make serve` and `make demo`.
 
 Each server runs in its own process group with its own working and temporary folders, so several
 can run side by side (TorchServe keeps its pid file in the temp dir and writes ``key_file.json``
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_TORCHSERVE_CONFIG = REPO_ROOT / "docker" / "serve" / "config.properties"
 MINIO_RELEASE = "v0.0.0-20260212201848-7aac2a2c5b7c"  # keep in sync with the Makefile's MINIO_VERSION
+ORTHANC_BIN = "/usr/sbin/Orthanc"  # Debian's orthanc package (`make setup`: check-orthanc)
+ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
 
 
 class ServiceError(RuntimeError):
@@ -290,6 +292,112 @@ class StreamlitServer:
         self.pid = proc.pid
         _wait(lambda: _http_status(f"{self.url}/_stcore/health") == 200, "Streamlit", timeout, proc, self.log_path)
         return self
+
+    def stop(self) -> None:
+        if self.pid:
+            stop_process_group(self.pid)
+            self.pid = None
+
+
+def orthanc_binary() -> Path:
+    path = Path(os.environ.get("MEDXAI_ORTHANC_BIN", ORTHANC_BIN))
+    plugin = Path(os.environ.get("MEDXAI_ORTHANC_DICOMWEB_PLUGIN", ORTHANC_DICOMWEB_PLUGIN))
+    for needed, package in ((path, "orthanc"), (plugin, "orthanc-dicomweb")):
+        if not needed.exists():
+            raise ServiceError(f"{needed} not found: run `make setup` (it installs Debian's {package} package)")
+    return path
+
+
+@dataclass
+class OrthancServer:
+    """Orthanc with its DICOMweb plugin: the hospital PACS of the tests and the devstack.
+
+    HTTP only, on a free loopback port (``RemoteAccessAllowed: false``: other hosts are refused), with
+    HTTP basic authentication and a random password per start; its DICOM (DIMSE) listener is off, since
+    everything here speaks DICOMweb, so nothing else opens a port. Storage and index live in ``workdir``.
+    """
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    username: str = "medxai"
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+    pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    @property
+    def explorer_url(self) -> str:
+        """Orthanc's built-in web explorer (studies, series, instances; same credentials)."""
+        return f"{self.url}/app/explorer.html"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "orthanc.log"
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        return self.username, self.password
+
+    def config(self) -> dict:
+        plugin = os.environ.get("MEDXAI_ORTHANC_DICOMWEB_PLUGIN", ORTHANC_DICOMWEB_PLUGIN)
+        return {
+            "Name": "medxai-pacs",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "Plugins": [plugin],
+            "HttpPort": self.port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {self.username: self.password},
+            "DicomServerEnabled": False,
+            "WebDavEnabled": False,
+            "HttpDescribeErrors": False,  # no request details in error bodies
+            "OverwriteInstances": False,  # a SOP instance already stored keeps its first copy (docs/deploy.md)
+            "SaveJobs": False,
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False, "Ssl": False,
+                         "Host": f"127.0.0.1:{self.port}"},
+        }
+
+    def start(self, timeout: float = 60.0) -> OrthancServer:
+        self.workdir = self.workdir.resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        binary = orthanc_binary()
+        config_path = self.workdir / "orthanc.json"
+        config_path.touch(mode=0o600)  # it holds the password
+        config_path.write_text(json.dumps(self.config(), indent=2) + "\n")
+        config_path.chmod(0o600)
+        proc = _start([str(binary), str(config_path)], self.log_path,
+                      self.workdir, dict(os.environ))
+        self.pid = proc.pid
+        _wait(self._healthy, "Orthanc", timeout, proc, self.log_path)
+        return self
+
+    def _headers(self) -> dict[str, str]:
+        import base64
+        token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode("ascii")
+        return {"Authorization": f"Basic {token}"}
+
+    def _healthy(self) -> bool:
+        # the DICOMweb plugin answers once it is loaded: QIDO on the (empty or not) study list
+        return _http_status(f"{self.dicomweb_url}/studies?limit=1", self._headers()) == 200
+
+    def env_lines(self) -> str:
+        """The env-file form of its credentials (``MEDXAI_DICOMWEB_ENV_FILE``; medxplain_contract/dicomweb.py)."""
+        return (f"MEDXAI_DICOMWEB_URL={self.dicomweb_url}\nMEDXAI_DICOMWEB_USERNAME={self.username}\n"
+                f"MEDXAI_DICOMWEB_PASSWORD={self.password}\n")
+
+    def write_env_file(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(self.env_lines())
+        return path
 
     def stop(self) -> None:
         if self.pid:

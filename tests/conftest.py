@@ -1,4 +1,4 @@
-"""Shared fixtures: real MinIO and TorchServe on random loopback ports, small trained models.
+"""Shared fixtures: real MinIO, TorchServe and Orthanc (PACS) on random loopback ports, small trained models.
 
 Services are started once per session and always torn down (the fixtures' finalisers run after
 failing tests too). Models are trained with the `test` profile on small synthetic sets, so every
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from devstack import iam
-from devstack.services import MinioServer, TorchServeServer
+from devstack.services import MinioServer, OrthancServer, TorchServeServer
 from medxplain_contract.storage import S3Config
 from model_store.archive import build_archive
 from model_store.synth import mammo, mri
@@ -36,6 +36,19 @@ signal.signal(signal.SIGTERM, _interrupt)
 def minio_server(tmp_path_factory) -> MinioServer:
     root = tmp_path_factory.mktemp("minio")
     server = MinioServer(data_dir=root / "data", log_path=root / "minio.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def orthanc_server(tmp_path_factory) -> OrthancServer:
+    """Orthanc + DICOMweb plugin, authentication on, a random password (tests/test_pacs.py)."""
+    server = OrthancServer(workdir=tmp_path_factory.mktemp("orthanc"))
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
     yield server
     server.stop()
 
