@@ -5,7 +5,11 @@
 2. Upload the held-out split of each synthetic set (with its ground-truth index and masks) to
    MinIO, as a hospital would drop studies into object storage, and run the batch job over it with
    the same archives: per-item results, unit atlas, similarity index, quality report.
-3. Start the Streamlit UI on those runs.
+3. The hospital path: put held-out cases into the local Orthanc PACS as DICOM studies (mammograms
+   with made-up patient tags, an MRI series per subject), run the batch job from the PACS (DICOMweb
+   QIDO / WADO) to MinIO and back to the PACS (STOW-RS of the SR, parametric maps and overlays),
+   and store one online ``output=dicom`` answer there as a hospital system would.
+4. Start the Streamlit UI on those runs.
 
 Inputs are synthetic, so every printed prediction can be checked against the generator's truth.
 """
@@ -16,16 +20,24 @@ import csv
 import io
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+from PIL import Image
+from pydicom import dcmread
+
 from devstack.stack import print_endpoints, start, start_ui
 from medxplain_client import Client
 from medxplain_client.outputs import write_outputs
+from medxplain_contract import dicomweb
 from medxplain_contract.layout import join
 from medxplain_contract.storage import Bucket, S3Config
+from model_store.synth import mammo, mri_dicom
 
 DEMO_BUCKET = "medxai"
 # cheap methods keep the demo short; every method is available online and via --explain
 BATCH_EXPLAIN = {"ddsm": ("cam",), "adni": ("gradcam", "sensitivity")}
 INDEX = {"ddsm": "images.csv", "adni": "subjects.csv"}
+PACS_CASES = 2  # held-out inputs per model put into the PACS (the batch job from the PACS runs over them)
 DEMO_REQUESTS = {"ddsm": {"explain": ["cam", "gradcam"], "top_k": 5},
                  "adni": {"explain": ["gradcam", "occlusion"], "top_k": 5}}
 
@@ -83,6 +95,62 @@ def run_batches(build: Path, admin: S3Config, s3: S3Config) -> dict[str, str]:
     return runs
 
 
+def write_pacs_studies(build: Path, out: Path) -> dict[str, list[Path]]:
+    """DICOM studies of the first held-out cases: mammograms (one file per view) and MRI series (one file per
+    slice), written by the synthetic generators with made-up patient tags; model -> files."""
+    files: dict[str, list[Path]] = {"ddsm": [], "adni": []}
+    data = build / "data" / "ddsm"
+    with open(data / "images.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "test"][:PACS_CASES]
+    for row in rows:
+        image = np.asarray(Image.open(data / row["path"]))
+        image_id = Path(row["path"]).stem
+        path = out / "ddsm" / f"{image_id}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mammo.write_dicom(path, image, image_id, int(row["case_id"].lstrip("C")) - 1, row["side"], row["view"],
+                          seed=0)
+        files["ddsm"].append(path)
+    data = build / "data" / "adni"
+    with open(data / "subjects.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "test"][:PACS_CASES]
+    for i, row in enumerate(rows):
+        img = nib.load(data / row["path"])
+        files["adni"] += mri_dicom.write_series(np.asarray(img.dataobj, dtype=np.float32), img.affine,
+                                                out / "adni" / row["subject_id"], row["subject_id"], seed=0,
+                                                subject_index=100 + i)
+    return files
+
+
+def run_pacs(build: Path, info: dict, s3: S3Config, client: Client) -> dict[str, str]:
+    """Studies into Orthanc, batch runs from it to MinIO and back to it, one online answer stored there."""
+    from batch.runner import RunOptions, run_batch
+
+    pacs_info = info["orthanc"]
+    url, env_file = pacs_info["dicomweb"], Path(pacs_info["credentials_file"])
+    pacs = dicomweb.connect(url, dicomweb.DicomwebConfig.from_env(env_file=env_file))
+    studies = write_pacs_studies(build, build / "demo" / "pacs-inputs")
+    for model, paths in studies.items():
+        pacs.store([dcmread(p) for p in paths])
+    print(f"\nPACS: stored {sum(map(len, studies.values()))} source instances "
+          f"({len(studies['ddsm'])} mammograms, {len(studies['adni'])} MRI series) in {url}")
+    runs = {}
+    for model in INDEX:
+        digest = (build / "model-store" / f"{model}.mar.sha256").read_text().split()[0][:12]
+        output = f"s3://{DEMO_BUCKET}/runs/{model}-pacs-{digest}"
+        print(f"batch {model}: DICOMweb {url} -> {output} and STOW-RS back to the PACS")
+        result = run_batch(RunOptions(model=model, archive=build / "model-store" / f"{model}.mar", input=url,
+                                      output=output, explain=BATCH_EXPLAIN[model][:1], stow=url,
+                                      dicomweb_env=env_file, s3=s3, threads=2))
+        print("  " + result.summary_line())
+        runs[f"{model} (PACS)"] = output
+    parts = client.dicom("ddsm", studies["ddsm"][0], methods="cam,gradcam", top_k=5)  # what an integrator does
+    pacs.store([dcmread(io.BytesIO(part)) for part in parts])
+    print(f"online output=dicom: {len(parts)} objects (SR, parametric maps, overlays) for one mammogram, stored")
+    print(f"the PACS now holds {pacs.count_instances()} instances: open {pacs_info['explorer']} "
+          f"(user and password in {env_file})")
+    return runs
+
+
 def run_demo(build: Path) -> None:
     info = start(build / "stack", build / "model-store")
     ts = info["torchserve"]
@@ -107,8 +175,10 @@ def run_demo(build: Path) -> None:
                 print(f"  region #{region['rank']} by Grad-CAM relevance: {region['name']}")
             print("  files: " + ", ".join(str(p) for p in written))
     credentials = info["minio"]["credentials"]
-    runs = run_batches(build, S3Config.from_env(env_file=Path(credentials["admin"])),
-                       S3Config.from_env(env_file=Path(credentials["batch"])))
+    batch_s3 = S3Config.from_env(env_file=Path(credentials["batch"]))
+    runs = run_batches(build, S3Config.from_env(env_file=Path(credentials["admin"])), batch_s3)
+    with Client(ts["inference"], key_file=ts["token_file"], timeout=600) as client:
+        runs.update(run_pacs(build, info, batch_s3, client))
     info = start_ui(build / "stack")
     print()
     print_endpoints(info)

@@ -25,7 +25,7 @@ from medxplain_contract.dicom_source import DicomSource
 from medxplain_contract.errors import UnprocessableInput
 from medxplain_dicom import codes
 from medxplain_dicom.render import Algorithm, render_objects
-from model_store.synth.mammo import _write_dicom
+from model_store.synth.mammo import write_dicom
 from tests import dicom_validate
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
@@ -43,7 +43,7 @@ def mammo(tmp_path_factory: pytest.TempPathFactory) -> DicomSource:
     path = tmp_path_factory.mktemp("mammo") / "m.dcm"
     rng = np.random.default_rng(3)
     image = (rng.random((160, 104)) * 60000).astype(np.uint16)
-    _write_dicom(path, image, "C0001_LEFT_CC", 0, "LEFT", "CC", seed=7)
+    write_dicom(path, image, "C0001_LEFT_CC", 0, "LEFT", "CC", seed=7)
     ds = pydicom.dcmread(path)
     return DicomSource([ds], ds.pixel_array.astype(np.float32) / 65535.0)
 

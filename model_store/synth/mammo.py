@@ -553,7 +553,7 @@ def _assign_splits(n_cases: int, seed: int, split: tuple[float, float, float]) -
     return splits
 
 
-def _write_dicom(
+def write_dicom(
     path: Path, image: np.ndarray, image_id: str, case_index: int, side: str, view: str, seed: int
 ) -> None:
     """Mammography DICOM with made-up patient identifiers.
@@ -646,7 +646,7 @@ def generate_dataset(
             dicom_path = ""
             if len(rows) < n_dicom:
                 dicom_path = f"dicom/{image_id}.dcm"
-                _write_dicom(out_dir / dicom_path, image, image_id, index, side, view, seed)
+                write_dicom(out_dir / dicom_path, image, image_id, index, side, view, seed)
             lesions_by_image[image_id] = lesions
             rows.append(
                 {
