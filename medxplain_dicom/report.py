@@ -25,7 +25,7 @@ from pydicom.uid import generate_uid
 from medxplain_dicom import codes
 from medxplain_dicom.algorithm import Algorithm
 
-REGION_ROWS = 20
+REGION_ROWS = 10
 _PROCEDURES = {"MG": dcm_codes.SCT.Mammography, "MR": dcm_codes.LN.BrainMRI}
 _UNIT_MEASURES = (("activation", codes.UNIT_ACTIVATION), ("weight", codes.UNIT_WEIGHT),
                   ("contribution", codes.UNIT_CONTRIBUTION), ("rank", codes.UNIT_RANK))

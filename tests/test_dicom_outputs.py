@@ -91,7 +91,10 @@ def _mr_series(volume: np.ndarray, affine: np.ndarray, out: Path) -> list[Path]:
 def mri(tmp_path_factory: pytest.TempPathFactory) -> DicomSource:
     rng = np.random.default_rng(4)
     volume = rng.random((12, 14, 6)).astype(np.float32)
-    affine = np.diag([1.5, 2.0, 2.5, 1.0])
+    turn = np.deg2rad(10.0)  # an oblique series: the map must follow the slices' own orientation
+    rotation = np.array([[np.cos(turn), -np.sin(turn), 0.0], [np.sin(turn), np.cos(turn), 0.0], [0.0, 0.0, 1.0]])
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag([1.5, 2.0, 2.5])
     affine[:3, 3] = [-9.0, -14.0, -7.5]
     paths = _mr_series(volume, affine, tmp_path_factory.mktemp("mri"))
     return DicomSource([pydicom.dcmread(p) for p in paths], volume)
@@ -451,3 +454,14 @@ def test_render_leaves_the_source_headers_unchanged(mammo: DicomSource) -> None:
                              {"cam": np.ones(mammo.display.shape, np.float32)}, ALGORITHM, "k")
     assert partial == before and "FrameOfReferenceUID" not in partial
     assert all(o.StudyTime in ("", None) for o in objects)
+
+
+def test_non_finite_map_values_are_stored_as_zero(mammo: DicomSource) -> None:
+    grid = np.random.default_rng(9).random(mammo.display.shape, dtype=np.float32)
+    grid[0, 0], grid[1, 1] = np.nan, np.inf
+    pm = render_objects(mammo_response(), mammo, {"cam": grid}, ALGORITHM, "req-nan")[1]
+    values, _ = pm_frames(pm)
+    expected = np.where(np.isfinite(grid), grid, 0)
+    np.testing.assert_array_equal(values[0], expected)
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert mapping.DoubleFloatRealWorldValueLastValueMapped == pytest.approx(float(expected.max()))
