@@ -15,6 +15,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.uid import JPEGLSLossless
 
 from medxplain_dicom import codes, parametric_map
 from medxplain_dicom.algorithm import Algorithm
@@ -82,6 +83,7 @@ def build(source: Dataset, grey: np.ndarray, heat: np.ndarray, method: str, algo
     spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
     sc = hd.sc.SCImage(
         pixel_array=blend(grey, heat), photometric_interpretation="RGB", bits_allocated=8,
+        transfer_syntax_uid=JPEGLSLossless,  # lossless, a third of the native size (sizes: parametric_map.py)
         coordinate_system="PATIENT", study_instance_uid=source.StudyInstanceUID, series_instance_uid=series_uid,
         series_number=series_number, sop_instance_uid=sop_uid, instance_number=1,
         manufacturer=algorithm.equipment()["manufacturer"], patient_id=source.PatientID,

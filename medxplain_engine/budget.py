@@ -25,7 +25,9 @@ DEFAULT_RESPONSE_LIMIT = 64 * MIB  # docker/serve/config.properties max_response
 BASE64 = 4 / 3
 JSON_OVERHEAD = 64 * 1024  # prediction, units, input meta, timings
 PER_MAP_OVERHEAD = 1024
-DICOM_BYTES_PER_ELEMENT = 4 + 3  # float32 Parametric Map + 8-bit RGB Secondary Capture (a volume's overlay is one slice)
+# a deflated float32 Parametric Map + a JPEG-LS lossless RGB overlay (a volume's overlay is one slice), at the
+# compression PNG maps are assumed to reach; the encoded body is checked again (check_encoded)
+DICOM_BYTES_PER_ELEMENT = (4 + 3) / 2.5
 DICOM_OVERHEAD = 64 * 1024  # headers of each object, and the SR
 REGION_TABLE_BYTES = 160  # one MRI atlas region row in `regions`
 UNIT_MAP_PASSES = 0.25  # upsampling + encoding one unit map, in forward-pass equivalents

@@ -465,3 +465,13 @@ def test_non_finite_map_values_are_stored_as_zero(mammo: DicomSource) -> None:
     np.testing.assert_array_equal(values[0], expected)
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     assert mapping.DoubleFloatRealWorldValueLastValueMapped == pytest.approx(float(expected.max()))
+
+
+@pytest.mark.parametrize("case", ["mammo", "mri"])
+def test_objects_are_stored_compressed_and_lossless(case: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Maps deflated, overlays JPEG-LS lossless (values read back: the float-map and overlay tests above)."""
+    objects, _ = request.getfixturevalue(f"{case}_objects")
+    for obj in objects[1:]:
+        written = roundtrip(obj, tmp_path, "obj")
+        want = "1.2.840.10008.1.2.1.99" if obj.SOPClassUID == PM_CLASS else "1.2.840.10008.1.2.4.80"
+        assert written.file_meta.TransferSyntaxUID == want

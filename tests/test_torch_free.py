@@ -21,7 +21,7 @@ from tests.test_ui_app import write_ui_runs
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHLESS = REPO / "tests" / "torchless"
-TORCH_FREE = ("ui", "medxplain_client", "medxplain_contract")
+TORCH_FREE = ("ui", "medxplain_client", "medxplain_dicom", "medxplain_contract")
 
 
 def run_torchless(args: list[str], tmp_path: Path, env: dict[str, str] | None = None,
