@@ -131,8 +131,9 @@ def run_pacs(build: Path, info: dict, s3: S3Config, client: Client) -> dict[str,
     studies = write_pacs_studies(build, build / "demo" / "pacs-inputs")
     for model, paths in studies.items():
         pacs.store([dcmread(p) for p in paths])
-    print(f"\nPACS: stored {sum(map(len, studies.values()))} source instances "
-          f"({len(studies['ddsm'])} mammograms, {len(studies['adni'])} MRI series) in {url}")
+    series = len({p.parent for p in studies["adni"]})
+    print(f"\nPACS: stored {len(studies['ddsm'])} mammograms and {series} MRI series ({len(studies['adni'])} "
+          f"slices) with made-up patient tags in {url}")
     runs = {}
     for model in INDEX:
         digest = (build / "model-store" / f"{model}.mar.sha256").read_text().split()[0][:12]
