@@ -84,9 +84,10 @@ def _check_objects(objects: list[Dataset], sources: list[Dataset], answer: dict,
     source_uids = [s.SOPInstanceUID for s in sources]
     for method, pm in zip(methods, kinds["pm"], strict=True):
         values, refs = pm_frames(pm)
-        assert refs == source_uids  # one frame per source image, in the source's order
+        assert sorted(refs) == sorted(source_uids)  # one frame per source image (highdicom orders the frames)
         want = decode_map(answer["heatmaps"][method])  # the JSON's map on the sent grid
         frames = want[None] if want.ndim == 2 else np.transpose(want, (2, 1, 0))
+        frames = frames[[source_uids.index(ref) for ref in refs]]  # the JSON's slice each frame says it came from
         tolerance = 2e-3 * float(np.abs(frames).max()) + 1e-6  # float16 (JSON) vs float32 (DICOM); nifti.gz is 8-bit
         if answer["heatmaps"][method]["encoding"] == "nifti.gz":
             tolerance = (float(frames.max()) - float(frames.min())) / 254 + 1e-6
@@ -169,7 +170,36 @@ def test_mri_series_output_dicom(client, mri_series):
 
 
 def _slice_order(sources: list[Dataset], answer: dict) -> list[Dataset]:
-    """The source slices in the order of the sent grid's k axis (the affine's slice direction)."""
-    affine = np.asarray(answer["input"]["geometry"]["affine"])
-    normal = affine[:3, 2] * np.array([-1, -1, 1])  # RAS+ k step -> LPS+
+    """The source slices in stack order: by position along the slice normal, row x column direction (PS3.3
+    C.7.6.2), the order the sent grid's k axis follows (docs/api.md, "MRI as a DICOM series")."""
+    iop = np.asarray(sources[0].ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
     return sorted(sources, key=lambda ds: float(np.dot(np.asarray(ds.ImagePositionPatient, float), normal)))
+
+
+def test_cli_output_dicom_stores_the_objects_in_the_pacs(torchserve, orthanc_server, mammogram, tmp_path,
+                                                          monkeypatch, capsys):
+    """``explain --output dicom --stow URL``: files written, every object in the PACS under the source study."""
+    from medxplain_client.__main__ import main as cli
+    from medxplain_contract import dicomweb
+
+    env = orthanc_server.write_env_file(tmp_path / "orthanc.env")
+    monkeypatch.setenv("MEDXAI_DICOMWEB_ENV_FILE", str(env))
+    pacs = dicomweb.connect(orthanc_server.dicomweb_url, dicomweb.DicomwebConfig(*orthanc_server.auth))
+    study = str(dcmread(mammogram, stop_before_pixels=True).StudyInstanceUID)
+    before = pacs.count_instances(study)
+    args = ["explain", "--model", "ddsm", "--input", str(mammogram), "--explain", "cam", "--output", "dicom",
+            "--stow", orthanc_server.dicomweb_url, "--url", torchserve.inference_url,
+            "--token-file", str(torchserve.key_file), "--out", str(tmp_path / "out")]
+    assert cli(args) == 0
+    written = sorted((tmp_path / "out").glob("*.dcm"))
+    assert [p.name.rsplit("-", 1)[1] for p in written] == ["sr.dcm", "pm.dcm", "sc.dcm"]
+    assert pacs.count_instances(study) == before + 3
+    assert cli(args) == 0  # the same input, archive and options: the same UIDs, nothing stored twice
+    assert pacs.count_instances(study) == before + 3
+    password = orthanc_server.auth[1]
+    env.write_text(env.read_text().replace(password, "not-the-password"))
+    capsys.readouterr()
+    assert cli(args) == 2  # a refused password: one line, before the inference
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not-the-password" not in err[0] and password not in err[0]
