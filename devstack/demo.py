@@ -5,7 +5,9 @@
 2. Upload the held-out split of each synthetic set (with its ground-truth index and masks) to
    MinIO, as a hospital would drop studies into object storage, and run the batch job over it with
    the same archives: per-item results, unit atlas, similarity index, quality report.
-3. Start the Streamlit UI on those runs.
+3. Store the synthetic sets' DICOM studies in the local Orthanc and run the batch job from it, back
+   into it (derived SR, parametric maps, RGB overlays) and into MinIO (``devstack/pacs_demo.py``).
+4. Start the Streamlit UI on those runs.
 
 Inputs are synthetic, so every printed prediction can be checked against the generator's truth.
 """
@@ -109,6 +111,10 @@ def run_demo(build: Path) -> None:
     credentials = info["minio"]["credentials"]
     runs = run_batches(build, S3Config.from_env(env_file=Path(credentials["admin"])),
                        S3Config.from_env(env_file=Path(credentials["batch"])))
+    from devstack.pacs_demo import push_to_pacs  # DICOM in, DICOM out: the local Orthanc (issue 14)
+    digests = {m: (build / "model-store" / f"{m}.mar.sha256").read_text().split()[0][:12] for m in INDEX}
+    pacs_runs = push_to_pacs(build, info["orthanc"], S3Config.from_env(env_file=Path(credentials["batch"])), digests)
+    runs |= {f"{m}-pacs": url for m, url in pacs_runs.items()}
     info = start_ui(build / "stack")
     print()
     print_endpoints(info)
