@@ -1,6 +1,6 @@
-"""``python -m devstack``: run MinIO and TorchServe locally in the background, and the demo.
+"""``python -m devstack``: run MinIO, TorchServe and Orthanc (a local PACS) in the background, and the demo.
 
-    start   start MinIO, TorchServe and the UI on 127.0.0.1, print endpoints, token file and credentials
+    start   start MinIO, TorchServe, Orthanc and the UI on 127.0.0.1, print endpoints, token file and credentials
     stop    stop what `start` started
     demo    start the stack, predict online, run both batch jobs into MinIO, start the UI
 """
