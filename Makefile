@@ -39,7 +39,7 @@ lint: setup
 
 help:
 	@echo "make demo      set up, synthetic data, train both models, archives, serve, predict, batch runs into MinIO, UI"
-	@echo "make test      set up and run the test suite against real MinIO and TorchServe"
+	@echo "make test      set up and run the test suite against real MinIO, TorchServe and Orthanc"
 	@echo "make setup     virtualenv ($(VENV)), MinIO server binary, Java, Chromium and Orthanc checks"
 	@echo "make data | train | archives | serve | stop | bench | bench-scale | bench-gpu | clean | ui-env"
 
@@ -146,6 +146,7 @@ bench: $(ARCHIVES)
 	$(PY) -m devstack.bench_similarity --sizes 100000 --dims 512 --queries 300
 	$(PY) -m devstack.bench_merge --sizes 1000,10000
 	$(PY) -m devstack.bench_dicom --build $(BUILD)
+	$(PY) -m devstack.bench_pacs --archive $(MAR_DIR)/ddsm.mar --data $(DATA)/ddsm/dicom
 
 # Hospital scale (tens of minutes, several GiB): ANN at 10^5 and 10^6 x 512 / 2048 (2048 at 10^6
 # needs --big: 8 GiB), merge peak RSS at 10^4 vs 10^5 items.
