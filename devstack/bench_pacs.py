@@ -1,8 +1,8 @@
 """What the PACS costs a batch run, per image: DICOMweb retrieve vs a local folder, and ``--stow`` on top.
 
 Starts its own MinIO and Orthanc (free loopback ports), stores the DICOM files of ``--data`` in
-Orthanc, then runs the batch job over the same images in three ways, round after round (so load
-changes hit every side alike), each into a fresh output prefix:
+Orthanc, then runs the batch job over the same images in three ways, round after round, the order
+rotating each round (so load changes and warm-up hit every side alike), each into a fresh output prefix:
 
     folder   --input <folder of .dcm>            (the reference)
     pacs     --input <DICOMweb>                  (+ QIDO search, WADO-RS retrieve)
@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
                  "stow": {"input": pacs.url, "stow": pacs.url}}
         times: dict[str, list[float]] = {side: [] for side in sides}
         explain = tuple(m for m in args.explain.split(",") if m)
+        order = list(sides)
         for round_ in range(args.rounds):
-            for side, extra in sides.items():
+            for side in order[round_ % 3:] + order[:round_ % 3]:  # each side goes first in turn
+                extra = sides[side]
                 result = run_batch(RunOptions(model="ddsm", archive=args.archive, output=f"s3://bench/{side}-{round_}",
                                               explain=explain, s3=s3, dicomweb=config, threads=args.threads,
                                               progress=False, merge=False, **extra))

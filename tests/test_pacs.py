@@ -169,8 +169,10 @@ def test_retrieve_returns_the_stored_file_and_caps_its_size(pacs, mammo_study):
 
 
 def _secondary_captures(source: Path, n: int) -> list[Dataset]:
-    """RGB overlays built with highdicom on a source mammogram (deterministic UIDs)."""
+    """RGB overlays built with highdicom on a source mammogram's header (deterministic UIDs), in a study of
+    their own so that the batch tests' study holds only what the batch job stores."""
     ref = pydicom.dcmread(source)
+    ref.StudyInstanceUID = generate_uid(entropy_srcs=["pacs-test-sc", "study"])
     pixels = np.zeros((int(ref.Rows), int(ref.Columns), 3), np.uint8)
     pixels[..., 0] = 200
     series = generate_uid(entropy_srcs=["pacs-test-sc", str(ref.SOPInstanceUID)])
@@ -200,7 +202,7 @@ def test_the_sink_stores_all_objects_once_and_writes_a_marker_without_uids(pacs,
         [data] = pacs.retrieve(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
                                max_bytes=1 << 30)
         back = pydicom.dcmread(io.BytesIO(data))
-        assert back.StudyInstanceUID == mammo_study["study"] and back.PatientID == pydicom.dcmread(source).PatientID
+        assert back.StudyInstanceUID == ds.StudyInstanceUID and back.PatientID == pydicom.dcmread(source).PatientID
         (tmp_path / "sc.dcm").write_bytes(data)
         assert dicom_validate.errors(tmp_path / "sc.dcm") == []
 
