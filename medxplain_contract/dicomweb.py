@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 
 from medxplain_contract.errors import InputError
 from medxplain_contract.multipart import boundary_of, decode_related
-from medxplain_contract.storage import read_env_file
+from medxplain_contract.storage import read_env_file, secret
 
 ENV_FILE = "MEDXAI_DICOMWEB_ENV_FILE"
 USERNAME, PASSWORD = "MEDXAI_DICOMWEB_USERNAME", "MEDXAI_DICOMWEB_PASSWORD"
@@ -77,16 +77,7 @@ class DicomwebConfig:
 
 
 def _secret(env: Mapping[str, str], name: str) -> str:
-    path = env.get(f"{name}_FILE")
-    if path:
-        try:
-            return Path(path).read_text().strip()
-        except OSError as err:
-            raise PacsConfigError(f"cannot read {name}_FILE={path}: {err.strerror}") from None
-    value = env.get(name)
-    if not value:
-        raise PacsConfigError(f"{name} (or {name}_FILE, or an env file in {ENV_FILE}) is not set")
-    return value
+    return secret(env, name, PacsConfigError, also=f", or an env file in {ENV_FILE}")
 
 
 def display_url(url: str) -> str:

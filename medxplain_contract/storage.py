@@ -86,8 +86,8 @@ class S3Config:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path not in ("", "/"):
             raise S3ConfigError(f"MEDXAI_S3_ENDPOINT must look like http(s)://host:port, got {endpoint!r}")
-        return cls(parsed.netloc, parsed.scheme == "https", _secret(env, "MEDXAI_S3_ACCESS_KEY"),
-                   _secret(env, "MEDXAI_S3_SECRET_KEY"), env.get("MEDXAI_S3_REGION") or None)
+        return cls(parsed.netloc, parsed.scheme == "https", secret(env, "MEDXAI_S3_ACCESS_KEY"),
+                   secret(env, "MEDXAI_S3_SECRET_KEY"), env.get("MEDXAI_S3_REGION") or None)
 
     def client(self) -> Minio:
         return make_client(self)
@@ -98,16 +98,19 @@ class S3Config:
                 f"MEDXAI_S3_SECRET_KEY={self.secret_key}\n")
 
 
-def _secret(env: Mapping[str, str], name: str) -> str:
+def secret(env: Mapping[str, str], name: str, error: type[Exception] | None = None, also: str = "") -> str:
+    """A credential from ``<name>_FILE`` (how Kubernetes mounts secrets; preferred) or ``<name>``; ``error``
+    (default S3ConfigError) names what is missing, ``also`` any further place it may come from."""
+    error = error or S3ConfigError
     path = env.get(f"{name}_FILE")
     if path:
         try:
             return Path(path).read_text().strip()
         except OSError as err:
-            raise S3ConfigError(f"cannot read {name}_FILE={path}: {err.strerror}") from None
+            raise error(f"cannot read {name}_FILE={path}: {err.strerror}") from None
     value = env.get(name)
     if not value:
-        raise S3ConfigError(f"{name} (or {name}_FILE) is not set")
+        raise error(f"{name} (or {name}_FILE{also}) is not set")
     return value
 
 
