@@ -12,9 +12,12 @@ TorchServe worker).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class Batcher:
@@ -53,6 +56,8 @@ class Batcher:
                 except TimeoutError:
                     break
             self.batch_sizes = (self.batch_sizes + [len(batch)])[-100:]
+            if len(batch) > 1:
+                log.info("dynamic batch of %d rows", len(batch))
             try:
                 answers = await loop.run_in_executor(self.executor, self.run, [item for item, _ in batch])
             except Exception as err:  # noqa: BLE001 -- run() answers every item; a bug must still release them

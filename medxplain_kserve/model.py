@@ -136,17 +136,18 @@ class EngineModel(Model):
         except InputError as err:
             raise RowError(err) from None
         body, result = await self._answer(row)
+        # FP16 has no JSON form in OIP: with heatmap tensors every output is binary (raw on gRPC)
+        binary = request.use_binary_outputs or wanted is not None
         result_out = InferOutput(oip.RESULT_OUTPUT, [1], "BYTES")
-        result_out.set_data_from_numpy(np.array([body], dtype=np.object_), binary_data=request.use_binary_outputs)
+        result_out.set_data_from_numpy(np.array([body], dtype=np.object_), binary_data=binary)
         outputs = [result_out]
-        if wanted is not None:
-            for name, array in oip.heatmap_tensors(result, wanted):
-                tensor = InferOutput(name, list(array.shape), "FP16" if array.dtype == np.float16 else "FP32")
-                tensor.set_data_from_numpy(array, binary_data=request.use_binary_outputs)
-                outputs.append(tensor)
+        for name, array in oip.heatmap_tensors(result, wanted) if wanted is not None else []:
+            tensor = InferOutput(name, list(array.shape), "FP16" if array.dtype == np.float16 else "FP32")
+            tensor.set_data_from_numpy(array, binary_data=True)
+            outputs.append(tensor)
         log.debug("v2 request answered in %.1f ms", (time.perf_counter() - started) * 1000)
         return InferResponse(response_id=request.id or "", model_name=self.name, infer_outputs=outputs,
-                             from_grpc=request.from_grpc, use_binary_outputs=request.use_binary_outputs)
+                             from_grpc=request.from_grpc, use_binary_outputs=binary)
 
     async def _predict_v1(self, payload) -> dict:
         """``{"instances": [{"data": "<base64>", ...}]}``: one instance answers as its JSON body or its 4xx;

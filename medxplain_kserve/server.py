@@ -23,6 +23,7 @@ from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.servicer import InferenceServicer
 from kserve.protocol.rest.server import RESTServer
 
+from medxplain_kserve import rest_v2
 from medxplain_kserve.model import EngineModel, RowError
 from medxplain_kserve.security import GuardMiddleware, TokenInterceptor
 
@@ -47,6 +48,7 @@ class GuardedModelServer(ModelServer):
         self._register_and_check_atleast_one_model_is_ready(models)
         fastapi_app.add_middleware(GuardMiddleware, token=self.token, max_bytes=self.max_request_bytes)
         fastapi_app.add_exception_handler(RowError, _row_error)
+        rest_v2.register(fastapi_app, self.dataplane)  # before KServe's routes, so it takes /v2/.../infer
         self._rest_server = RESTServer(FASTAPI_APP_IMPORT_STRING, self.dataplane, self.model_repository_extension,
                                        self.http_port, workers=1, grace_period=self.grace_period,
                                        event_loop=self.event_loop, timeout_keep_alive=self.timeout_keep_alive)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from devstack import iam
-from devstack.services import MinioServer, OrthancServer, TorchServeServer
+from devstack.services import KServeServer, MinioServer, OrthancServer, TorchServeServer
 from medxplain_contract.storage import S3Config
 from model_store.archive import build_archive
 from model_store.synth import mammo, mri
@@ -124,6 +124,19 @@ def model_store(ddsm_bundle, adni_bundle, tmp_path_factory) -> Path:
 def torchserve(model_store, tmp_path_factory) -> TorchServeServer:
     server = TorchServeServer(workdir=tmp_path_factory.mktemp("torchserve"), model_store=model_store,
                               models={"ddsm": "ddsm.mar", "adni": "adni.mar"})
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kserve(model_store, tmp_path_factory) -> KServeServer:
+    """The same archives under KServe's ModelServer (python -m medxplain_kserve), token auth on."""
+    server = KServeServer(workdir=tmp_path_factory.mktemp("kserve"), model_store=model_store)
     try:
         server.start()
     except BaseException:
