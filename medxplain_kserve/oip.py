@@ -15,6 +15,7 @@ import numpy as np
 
 from medxplain_contract.encodings import decode_map, map_bytes
 from medxplain_contract.errors import InputError
+from medxplain_engine.rows import PAYLOAD_FIELDS
 
 FILE_INPUT = "data"
 RESULT_OUTPUT = "result"
@@ -54,16 +55,17 @@ def _tensor_bytes(tensor) -> bytes | str:
 
 
 def v2_row(request) -> dict:
-    """An OIP ``InferRequest`` -> a row for ``medxplain_engine.rows.parse_row``."""
+    """An OIP ``InferRequest`` -> a row for ``medxplain_engine.rows.parse_row``: input tensors and request
+    parameters become the row's fields, as multipart fields do on TorchServe (``params`` = a JSON object)."""
     row: dict = {}
     for tensor in request.inputs or []:
-        name = tensor.name
-        if not isinstance(name, str) or name == "params":
-            raise InputError("bad_parameter", "input tensors are 'data' and parameters, not 'params'")
-        row[name] = _tensor_bytes(tensor)
-    params = parameter_values(request.parameters)
-    if params:
-        row["params"] = params
+        if not isinstance(tensor.name, str) or tensor.name in row:
+            raise InputError("bad_parameter", "input tensor names must be unique text")
+        row[tensor.name] = _tensor_bytes(tensor)
+    for key, value in parameter_values(request.parameters).items():
+        if key in row or key in PAYLOAD_FIELDS:
+            raise InputError("bad_parameter", "a request parameter may not repeat an input tensor or name the file")
+        row[key] = value
     return row
 
 
