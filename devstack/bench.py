@@ -302,7 +302,7 @@ def print_serving(result: dict) -> None:
     print(f"\nSide by side (p50 / p95 ms; throughput with {result['clients']} concurrent clients vs in-process "
           f"batches of {result['clients']})")
     names = [c.case.name for c in result["cases"]]
-    print(f"  {'':18}" + "".join(f"{n:>30}" for n in names) + f"{'items/s':>10}{'vs in-proc':>12}")
+    print(f"  {'':18}" + "".join(f"{n:>42}" for n in names) + f"{'items/s':>10}{'vs in-proc':>12}")
     for label, runtime in result["runtimes"].items():
         local_tput, tput = runtime["tput"]
         cells = []
@@ -310,8 +310,8 @@ def print_serving(result: dict) -> None:
             p50, p95, _ = percentiles(case.rest_s)
             l50, l95, _ = percentiles(case.local_s)
             cells.append(f"{p50:.1f}/{p95:.1f} (in-proc {l50:.1f}/{l95:.1f})")
-        print(f"  {label:18}" + "".join(f"{c:>30}" for c in cells) + f"{tput:10.1f}{tput / local_tput:11.2f}x")
-        print(f"  {'  in-process':18}" + " " * 30 * len(cells) + f"{local_tput:10.1f}")
+        print(f"  {label:18}" + "".join(f"{c:>42}" for c in cells) + f"{tput:10.1f}{tput / local_tput:11.2f}x")
+        print(f"  {'  in-process':18}" + " " * 42 * len(cells) + f"{local_tput:10.1f}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

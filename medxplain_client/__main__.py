@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--input: a folder is an MRI DICOM series (model adni)")
     if args.stow and args.output != "dicom":
         parser.error("--stow needs --output dicom")
-    if args.output == "dicom" and args.grpc:
-        parser.error("--output dicom comes over REST only")
+    if args.output == "dicom" and (args.grpc or args.oip):
+        parser.error("--output dicom comes over TorchServe's REST API only")
     try:
         token = read_token(args.token_file) if args.token_file else None
     except ValueError as err:

@@ -226,3 +226,21 @@ def test_v1_several_instances(kserve):
     assert bad == {"code": 400, "error": "bad_payload", "message": "JSON field 'data' is not valid base64"}
     assert _untimed(first) == _untimed(last)
     assert json.loads(v1_rest(kserve, "ddsm", [1, 2]).content)["error"] == "bad_json_body"
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_cli_over_oip(kserve, tmp_path, transport):
+    from medxplain_client.__main__ import main as cli
+
+    path = tmp_path / "patch.png"
+    path.write_bytes(PATCH)
+    where = ["--url", kserve.inference_url] if transport == "rest" else ["--grpc", kserve.grpc_target]
+    code = cli(["explain", "--model", "ddsm", "--input", str(path), "--explain", "cam", "--oip", *where,
+                "--token-file", str(kserve.token_file), "--out", str(tmp_path / "out")])
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "patch.ddsm.json").read_text())
+    assert (tmp_path / "out" / result["heatmaps"]["cam"]["file"]).is_file()
+    with pytest.raises(ClientError) as err, Client(grpc_target=kserve.grpc_target, token=kserve.token(),
+                                                   transport="oip-grpc", retries=0) as client:
+        client.predict("no-such-model", PATCH)
+    assert err.value.status == 404
