@@ -45,13 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = sys.argv[:1]  # kserve parses sys.argv when imported: it must not see our options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     token = None if args.no_auth else read_or_create_token(args.token_file)
+    from batch.archive import ArchiveError
     from medxplain_kserve.model import EngineModel
     from medxplain_kserve.server import GuardedModelServer
 
     models = []
     for name in [n.strip() for n in args.models.split(",") if n.strip()]:
         model = EngineModel(name, args.model_store / f"{name}.mar")
-        model.load()
+        try:
+            model.load()
+        except ArchiveError as err:  # missing, tampered or unsafe archive: one line, nothing served
+            print(f"error: not serving {name}: {err}", file=sys.stderr)
+            return 2
         models.append(model)
     GuardedModelServer(args.host, args.http_port, args.grpc_port, token, args.max_request_bytes).start(models)
     return 0

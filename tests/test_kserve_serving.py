@@ -244,3 +244,31 @@ def test_cli_over_oip(kserve, tmp_path, transport):
                                                    transport="oip-grpc", retries=0) as client:
         client.predict("no-such-model", PATCH)
     assert err.value.status == 404
+
+
+def test_auth_must_be_chosen_and_no_auth_is_explicit(model_store, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from devstack.services import KServeServer, ServiceError
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "medxplain_kserve", "--model-store", str(model_store)],
+                          check=False, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 2 and "--token-file" in proc.stderr and "--no-auth" in proc.stderr
+    store = tmp_path / "store"  # an archive that does not match its digest file never loads
+    store.mkdir()
+    (store / "ddsm.mar").write_bytes((model_store / "ddsm.mar").read_bytes() + b"\x00")
+    (store / "ddsm.mar.sha256").write_text((model_store / "ddsm.mar.sha256").read_text())
+    with pytest.raises(ServiceError, match="does not match"):
+        KServeServer(workdir=tmp_path / "bad", model_store=store, models=("ddsm",), token_auth=False).start(timeout=120)
+    open_server = KServeServer(workdir=tmp_path / "open", model_store=model_store, models=("ddsm",), token_auth=False)
+    try:
+        open_server.start()
+        assert v2_rest(open_server, "ddsm", PATCH).status_code == 200  # no token needed with --no-auth
+        assert "token auth OFF" in open_server.log_path.read_text()
+    finally:
+        open_server.stop()
