@@ -1,7 +1,8 @@
 """``make bench``: serving overhead measured side by side in one run, with where the time goes.
 
 Latency: p50/p95/p99 of (a) one mammography patch prediction and (b) one full mammogram with CAM,
-through TorchServe REST vs the same engine called in-process. The two sides alternate request by
+through TorchServe REST, and through the KServe runtime (``python -m medxplain_kserve``, OIP v2 REST,
+binary extension), each vs the same engine called in-process. The two sides alternate request by
 request (the order flips every request), so contention from other work on the machine hits both
 alike; only one side computes at a time. Throughput: 8 concurrent REST clients (TorchServe's dynamic
 batching groups their requests) vs in-process batches of 8, alternated in rounds.
@@ -25,6 +26,7 @@ import argparse
 import concurrent.futures as cf
 import csv
 import io
+import json
 import os
 import re
 import statistics
@@ -39,7 +41,7 @@ import requests
 import torch
 from PIL import Image
 
-from devstack.services import TorchServeServer
+from devstack.services import KServeServer, TorchServeServer
 from medxplain_engine.engine import Engine, EngineRequest
 from medxplain_engine.served import served_config
 from medxplain_models.tiling import PATCH_SIZE
@@ -129,6 +131,37 @@ class Rest:
         return r
 
 
+class OipAnswer:
+    """The parts of a TorchServe response the bench reads, from an OIP v2 answer (``result`` output)."""
+
+    def __init__(self, r: requests.Response) -> None:
+        self.headers = {}  # no Server-Timing: the engine's timing_ms is in the JSON
+        self.body = json.loads(r.json()["outputs"][0]["data"][0])
+
+    def json(self) -> dict:
+        return self.body
+
+
+class OipRest:
+    """One keep-alive session against the KServe runtime: the file as the BYTES input ``data``."""
+
+    def __init__(self, server: KServeServer, model: str) -> None:
+        self.server, self.model = server, model
+        self.headers = server.auth_header()
+        self.session = requests.Session()
+
+    def post(self, case: Case, session: requests.Session | None = None) -> OipAnswer:
+        element = len(case.payload).to_bytes(4, "little") + case.payload
+        header = json.dumps({"inputs": [{"name": "data", "datatype": "BYTES", "shape": [1],
+                                         "parameters": {"binary_data_size": len(element)}}],
+                             "parameters": case.params}).encode()
+        r = (session or self.session).post(f"{self.server.inference_url}/v2/models/{self.model}/infer",
+                                           data=header + element, timeout=300,
+                                           headers={**self.headers, "Inference-Header-Content-Length": str(len(header))})
+        r.raise_for_status()
+        return OipAnswer(r)
+
+
 def timed(call) -> tuple[float, object]:
     started = time.perf_counter()
     out = call()
@@ -141,7 +174,8 @@ def run_case(engine: Engine, rest: Rest, case: Case, n: int, warmup: int = 3) ->
     for _ in range(warmup):
         engine.run([request])
         rest.post(case)
-    before = scrape(rest.server.metrics_url, rest.model)
+    metrics = getattr(rest.server, "metrics_url", None)  # TorchServe's frontend counters; KServe: none
+    before = scrape(metrics, rest.model) if metrics else {}
     local, remote, timing = [], [], {}
     for i in range(n):
         order = ("local", "rest") if i % 2 == 0 else ("rest", "local")
@@ -155,7 +189,7 @@ def run_case(engine: Engine, rest: Rest, case: Case, n: int, warmup: int = 3) ->
             stages = {**response.json()["timing_ms"], **server_timing(response.headers.get("Server-Timing"))}
             for name, ms in stages.items():
                 timing.setdefault(name, []).append(float(ms))
-    after = scrape(rest.server.metrics_url, rest.model)
+    after = scrape(metrics, rest.model) if metrics else {}
     count = after.get("ts_inference_requests_total", 0) - before.get("ts_inference_requests_total", 0)
 
     def mean_ms(name: str) -> float | None:
@@ -202,24 +236,32 @@ def bench_serving(mar: Path, data_dir: Path, n: int, n_full: int, clients: int, 
         engine = Engine.from_model_dir(model_dir)
         cases = [Case("patch prediction", sample_patch(data_dir), "predictions"),
                  Case("full mammogram + CAM", sample_full(data_dir), "explanations", {"explain": "default"})]
-        server = TorchServeServer(workdir=Path(tmp) / "ts", model_store=mar.parent.resolve(), models={"ddsm": mar.name})
-        server.start()
-        try:
-            rest = Rest(server, "ddsm")
-            results = [run_case(engine, rest, case, count) for case, count in zip(cases, (n, n_full)) if count]
-            tput = throughput(engine, rest, cases[0], clients, per_client, per_client)
-        finally:
-            server.stop()
-    return {"cases": results, "tput": tput, "clients": clients, "threads": threads,
+        runtimes = {}
+        for label, server, side in (
+                ("TorchServe REST", TorchServeServer(workdir=Path(tmp) / "ts", model_store=mar.parent.resolve(),
+                                                     models={"ddsm": mar.name}), Rest),
+                ("KServe OIP REST", KServeServer(workdir=Path(tmp) / "ks", model_store=mar.parent.resolve(),
+                                                 models=(mar.stem,)), OipRest)):
+            print(f"starting {label} ...", flush=True)
+            server.start()
+            try:
+                rest = side(server, mar.stem)
+                results = [run_case(engine, rest, case, count) for case, count in zip(cases, (n, n_full)) if count]
+                runtimes[label] = {"cases": results,
+                                   "tput": throughput(engine, rest, cases[0], clients, per_client, per_client)}
+            finally:
+                server.stop()
+    first = runtimes["TorchServe REST"]
+    return {"cases": first["cases"], "tput": first["tput"], "runtimes": runtimes, "clients": clients, "threads": threads,
             "batching": {k: settings.get(k) for k in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay")}}
 
 
-def print_latency(result: CaseResult) -> None:
+def print_latency(result: CaseResult, label: str = "TorchServe REST") -> None:
     local, remote = percentiles(result.local_s), percentiles(result.rest_s)
-    print(f"\n{result.case.name}: {len(result.rest_s)} requests per side, alternating")
+    print(f"\n{result.case.name} via {label}: {len(result.rest_s)} requests per side, alternating")
     print(f"  {'':24}{'p50 ms':>10}{'p95 ms':>10}{'p99 ms':>10}")
     print(f"  {'in-process engine':24}" + "".join(f"{v:10.1f}" for v in local))
-    print(f"  {'TorchServe REST':24}" + "".join(f"{v:10.1f}" for v in remote))
+    print(f"  {label:24}" + "".join(f"{v:10.1f}" for v in remote))
     print(f"  {'ratio REST / in-process':24}" + "".join(f"{r / l:9.2f}x" for r, l in zip(remote, local)))
 
 
@@ -253,14 +295,23 @@ def print_breakdown(result: CaseResult) -> None:
 
 def print_serving(result: dict) -> None:
     print(f"\nServing overhead (torch threads {result['threads']}; archive {result['batching']})")
-    for case in result["cases"]:
-        print_latency(case)
-        print_breakdown(case)
-    local, remote = result["tput"]
-    print(f"\nThroughput, {result['clients']} concurrent clients vs in-process batches of {result['clients']}")
-    print(f"  in-process batched  {local:8.1f} items/s")
-    print(f"  TorchServe REST     {remote:8.1f} items/s")
-    print(f"  ratio REST / in-process: {remote / local:.2f}")
+    for label, runtime in result["runtimes"].items():
+        for case in runtime["cases"]:
+            print_latency(case, label)
+            print_breakdown(case)
+    print(f"\nSide by side (p50 / p95 ms; throughput with {result['clients']} concurrent clients vs in-process "
+          f"batches of {result['clients']})")
+    names = [c.case.name for c in result["cases"]]
+    print(f"  {'':18}" + "".join(f"{n:>42}" for n in names) + f"{'items/s':>10}{'vs in-proc':>12}")
+    for label, runtime in result["runtimes"].items():
+        local_tput, tput = runtime["tput"]
+        cells = []
+        for case in runtime["cases"]:
+            p50, p95, _ = percentiles(case.rest_s)
+            l50, l95, _ = percentiles(case.local_s)
+            cells.append(f"{p50:.1f}/{p95:.1f} (in-proc {l50:.1f}/{l95:.1f})")
+        print(f"  {label:18}" + "".join(f"{c:>42}" for c in cells) + f"{tput:10.1f}{tput / local_tput:11.2f}x")
+        print(f"  {'  in-process':18}" + " " * 42 * len(cells) + f"{local_tput:10.1f}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""Real MinIO, TorchServe and Orthanc processes on 127.0.0.1, for the tests, `make serve` and `make demo`.
+"""Real MinIO, TorchServe, KServe and Orthanc processes on 127.0.0.1, for the tests, `make serve` and `make demo`.
 
 Each server runs in its own process group with its own working and temporary folders, so several
 can run side by side (TorchServe keeps its pid file in the temp dir and writes ``key_file.json``
@@ -261,6 +261,71 @@ class TorchServeServer:
     def describe(self) -> dict:
         d = asdict(self)
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+@dataclass
+class KServeServer:
+    """``python -m medxplain_kserve``: the same archives under KServe's ModelServer (OIP v1/v2 REST + gRPC).
+
+    Loopback only, token auth on unless ``token_auth=False`` (then ``--no-auth``); the token is a random
+    one-line file in ``workdir``. Archives are verified by the server itself (sha256 files, as TorchServe's
+    entrypoint does). The repository is on its ``PYTHONPATH``: unlike TorchServe it imports the engine
+    installed with it (the archive's engine.json must match that code, batch/archive.check_engine_code).
+    """
+
+    workdir: Path
+    model_store: Path
+    models: tuple[str, ...] = ("ddsm", "adni")
+    token_auth: bool = True
+    http_port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
+    extra_args: tuple[str, ...] = ()
+    pid: int | None = None
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def token_file(self) -> Path:
+        return self.workdir / "token"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "kserve.log"
+
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
+
+    def auth_header(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token()}"} if self.token_auth else {}
+
+    def start(self, timeout: float = 180.0) -> KServeServer:
+        self.workdir, self.model_store = self.workdir.resolve(), self.model_store.resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.token_auth and not self.token_file.exists():
+            self.token_file.touch(mode=0o600)
+            self.token_file.write_text(secrets.token_urlsafe(32) + "\n")
+        auth = ["--token-file", str(self.token_file)] if self.token_auth else ["--no-auth"]
+        cmd = [sys.executable, "-m", "medxplain_kserve", "--model-store", str(self.model_store),
+               "--models", ",".join(self.models), "--host", "127.0.0.1", "--http-port", str(self.http_port),
+               "--grpc-port", str(self.grpc_port), *auth, *self.extra_args]
+        env = {**os.environ, "TMPDIR": str(self.workdir), "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+        proc = _start(cmd, self.log_path, self.workdir, env)
+        self.pid = proc.pid
+        _wait(lambda: all(_http_status(f"{self.inference_url}/v2/models/{m}/ready", self.auth_header()) == 200
+                          for m in self.models), "KServe", timeout, proc, self.log_path)
+        return self
+
+    def stop(self) -> None:
+        if self.pid:
+            stop_process_group(self.pid, timeout=15.0)
+            self.pid = None
 
 
 @dataclass

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--url", default=os.environ.get("MEDXPLAIN_URL", "http://127.0.0.1:8080"),
                        help="REST inference address (default: $MEDXPLAIN_URL or %(default)s)")
         p.add_argument("--grpc", metavar="HOST:PORT", help="use gRPC at this address instead of REST")
+        p.add_argument("--oip", action="store_true", help="speak the Open Inference Protocol v2 (the KServe "
+                       "runtime, python -m medxplain_kserve) instead of TorchServe's APIs")
         p.add_argument("--token-file", type=Path, metavar="key_file.json",
                        help="TorchServe key file (default: $MEDXPLAIN_TOKEN)")
         p.add_argument("--out", type=Path, default=Path("medxplain-output"),
@@ -67,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--input: a folder is an MRI DICOM series (model adni)")
     if args.stow and args.output != "dicom":
         parser.error("--stow needs --output dicom")
-    if args.output == "dicom" and args.grpc:
-        parser.error("--output dicom comes over REST only")
+    if args.output == "dicom" and (args.grpc or args.oip):
+        parser.error("--output dicom comes over TorchServe's REST API only")
     try:
         token = read_token(args.token_file) if args.token_file else None
     except ValueError as err:
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return _dicom(args, token, payload, params)
     try:
         with Client(base_url=args.url, grpc_target=args.grpc, token=token, timeout=args.timeout,
-                    transport="grpc" if args.grpc else "rest") as client:
+                    transport=("oip-" if args.oip else "") + ("grpc" if args.grpc else "rest")) as client:
             if args.command == "explain":
                 result = client.explain(args.model, payload, methods=args.explain, **params)
             else:

@@ -1,4 +1,4 @@
-"""``Client``: predictions and explanations from a MedXplain TorchServe, with auth and retries.
+"""``Client``: predictions and explanations from a MedXplain server (TorchServe, or KServe over OIP v2), with auth and retries.
 
 Only "nothing happened" failures are retried (HTTP 503 / gRPC UNAVAILABLE, refused connections):
 a 4xx will fail the same way again, and a timed-out inference may still be running on the server.
@@ -14,17 +14,27 @@ from pathlib import Path
 from typing import Self
 
 from medxplain_client.errors import ClientError
-from medxplain_client.transports import GrpcTransport, RestTransport
+from medxplain_client.transports import GrpcTransport, OipGrpcTransport, OipRestTransport, RestTransport
 
 TOKEN_ENV = "MEDXPLAIN_TOKEN"
+# rest / grpc: TorchServe's APIs; oip-rest / oip-grpc: Open Inference Protocol v2 (the KServe runtime)
+TRANSPORTS = {"rest": RestTransport, "grpc": GrpcTransport, "oip-rest": OipRestTransport, "oip-grpc": OipGrpcTransport}
 
 
 def read_token(key_file: str | Path) -> str:
-    """The inference key from TorchServe's ``key_file.json`` (``{"inference": {"key": ...}, ...}``)."""
+    """The inference key from TorchServe's ``key_file.json`` (``{"inference": {"key": ...}, ...}``), or the
+    token of a one-line token file (the KServe runtime's ``--token-file``)."""
     try:
-        return json.loads(Path(key_file).read_text())["inference"]["key"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        text = Path(key_file).read_text()
+    except OSError as err:
         raise ValueError(f"cannot read an inference key from {key_file}: {err!r}") from None
+    try:
+        return json.loads(text)["inference"]["key"]
+    except (ValueError, KeyError, TypeError):
+        token = text.strip()
+        if token and "\n" not in token and not token.startswith("{"):
+            return token
+        raise ValueError(f"cannot read an inference key from {key_file}: neither a key_file.json nor a token") from None
 
 
 class Client:
@@ -33,15 +43,15 @@ class Client:
     def __init__(self, base_url: str = "http://127.0.0.1:8080", grpc_target: str | None = None,
                  token: str | None = None, key_file: str | Path | None = None, timeout: float = 120.0,
                  retries: int = 3, transport: str = "rest", backoff: float = 0.5) -> None:
-        if transport not in ("rest", "grpc"):
-            raise ValueError(f"transport must be 'rest' or 'grpc', got {transport!r}")
-        if transport == "grpc" and not grpc_target:
-            raise ValueError("transport='grpc' needs grpc_target='host:port' (TorchServe's grpc_inference_port)")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        if transport in ("grpc", "oip-grpc") and not grpc_target:
+            raise ValueError(f"transport={transport!r} needs grpc_target='host:port' (the server's gRPC port)")
         token = token or os.environ.get(TOKEN_ENV) or (read_token(key_file) if key_file else None)
         self.retries = retries
         self.backoff = backoff  # seconds before the first retry; doubled for each further one
-        self.transport = (GrpcTransport(grpc_target, token, timeout) if transport == "grpc"
-                          else RestTransport(base_url, token, timeout))
+        target = grpc_target if transport in ("grpc", "oip-grpc") else base_url
+        self.transport = TRANSPORTS[transport](target, token, timeout)
 
     def predict(self, model: str, path_or_bytes: str | Path | bytes, **params) -> dict:
         """Prediction, ranked units and any heatmaps the params ask for (``explain=...``)."""

@@ -28,7 +28,11 @@ from types import ModuleType
 PACKAGE = __spec__.parent  # "medxplain_client", also under `python -m`
 GENERATED = Path(__file__).resolve().parent / "_generated"
 STAMP = "STAMP.json"
-PROTOS = ("inference.proto", "management.proto")
+PROTOS = ("inference.proto", "management.proto", "open_inference_grpc.proto")
+# TorchServe's copy of the Open Inference Protocol proto (KServe's grpc_predict_v2.proto) renamed its package;
+# restored here so the stubs call /inference.GRPCInferenceService/* as every OIP server (KServe) serves it.
+OIP_PROTO = "open_inference_grpc.proto"
+OIP_PACKAGE = (b"package org.pytorch.serve.grpc.openinference;", b"package inference;")
 INCLUDES = ("google/rpc/status.proto",)  # imported by inference.proto; compiled by googleapis-common-protos
 
 
@@ -42,14 +46,15 @@ def ensure_stubs() -> ModuleType:
         _build()
     importlib.invalidate_caches()
     package = importlib.import_module(f"{PACKAGE}._generated")
-    for name in ("inference_pb2", "inference_pb2_grpc", "management_pb2", "management_pb2_grpc"):
+    for name in ("inference_pb2", "inference_pb2_grpc", "management_pb2", "management_pb2_grpc",
+                 "open_inference_grpc_pb2", "open_inference_grpc_pb2_grpc"):
         importlib.import_module(f"{package.__name__}.{name}")
     return package
 
 
 def _versions() -> dict[str, str | None]:
     """What the generated code depends on; a change triggers a rebuild."""
-    found: dict[str, str | None] = {}
+    found: dict[str, str | None] = {"protos": ",".join(PROTOS)}
     for dist in ("torchserve", "grpcio-tools"):
         try:
             found[dist] = importlib.metadata.version(dist)
@@ -115,6 +120,10 @@ def _extract(zf: zipfile.ZipFile, name: str, dest: Path) -> None:
         data = zf.read(name)
     except KeyError:
         raise StubsError(f"{name} is not in TorchServe's model-server.jar: unsupported TorchServe version") from None
+    if name == OIP_PROTO:
+        if OIP_PACKAGE[0] not in data:
+            raise StubsError(f"{name} in TorchServe's jar has an unexpected package: unsupported TorchServe version")
+        data = data.replace(OIP_PACKAGE[0], OIP_PACKAGE[1])
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(data)
 

@@ -140,3 +140,120 @@ def _checked(body) -> dict:
     if isinstance(code, int) and code >= 400 and "error" in body and "message" in body:
         raise ClientError(code, str(body["error"]), str(body["message"]))
     return body
+
+
+# --- Open Inference Protocol v2 (the KServe runtime, medxplain_kserve; docs/api.md "KServe") -----------------
+
+def _length_prefixed(payload: bytes) -> bytes:
+    """One BYTES element in OIP's raw form: a 4-byte little-endian length, then the bytes."""
+    return len(payload).to_bytes(4, "little") + payload
+
+
+def _unprefixed(raw: bytes) -> bytes:
+    if len(raw) < 4 or int.from_bytes(raw[:4], "little") != len(raw) - 4:
+        raise ClientError(502, "bad_response", "the server's BYTES output is malformed")
+    return raw[4:]
+
+
+class OipRestTransport:
+    """``POST /v2/models/{model}/infer``: the file as the BYTES input ``data`` in the binary-data extension,
+    parameters as request ``parameters``; the answer is the JSON in the BYTES output ``result``."""
+
+    HEADER = "Inference-Header-Content-Length"
+
+    def __init__(self, base_url: str, token: str | None, timeout: float) -> None:
+        self.rest = RestTransport(base_url, token, timeout)  # its session, auth header and connection errors
+
+    def send(self, model: str, payload: bytes, filename: str, fields: dict[str, str], explain: bool) -> dict:
+        params = dict(fields)
+        if explain:
+            params.setdefault("explain", "default")
+        element = _length_prefixed(payload)
+        header = json.dumps({"inputs": [{"name": "data", "datatype": "BYTES", "shape": [1],
+                                         "parameters": {"binary_data_size": len(element)}}],
+                             "parameters": params, "outputs": [{"name": "result"}]}).encode()
+        url = f"{self.rest.base_url}/v2/models/{quote(model, safe='')}/infer"
+        try:
+            r = self.rest.session.post(url, data=header + element, timeout=self.rest.timeout,
+                                       headers={self.HEADER: str(len(header)), "Content-Type": "application/octet-stream"})
+        except requests.ConnectionError as err:
+            reason = getattr(err.args[0], "reason", err) if err.args else err
+            raise ConnectionFailed(f"cannot reach {self.rest.base_url}: {reason}") from None
+        except requests.Timeout:
+            raise ClientError(504, "timeout", f"no answer from {self.rest.base_url} within {self.rest.timeout:g}s") from None
+        if r.status_code >= 400:
+            raise _rest_error(r.status_code, _json(r.content), r.reason or "", r.text)
+        return _checked(_json(_oip_result(r)))
+
+    def close(self) -> None:
+        self.rest.close()
+
+
+def _oip_result(r: requests.Response) -> bytes:
+    """The ``result`` output of a v2 REST answer, JSON-only or binary-extension form."""
+    size = r.headers.get(OipRestTransport.HEADER)
+    body = _json(r.content[: int(size)] if size else r.content)
+    outputs = body.get("outputs") if isinstance(body, dict) else None
+    offset = int(size) if size else 0
+    for out in outputs or []:
+        params = out.get("parameters") or {}
+        raw_size = params.get("binary_data_size")
+        if out.get("name") == "result":
+            if raw_size is not None:
+                return _unprefixed(r.content[offset:offset + raw_size])
+            data = out.get("data") or [None]
+            return data[0].encode() if isinstance(data[0], str) else b""
+        offset += raw_size or 0
+    raise ClientError(502, "bad_response", "the server's answer has no 'result' output")
+
+
+class OipGrpcTransport:
+    """``GRPCInferenceService.ModelInfer`` with the file in ``raw_input_contents``; a refused request is a
+    gRPC status whose details are the ``{code, error, message}`` JSON."""
+
+    def __init__(self, target: str, token: str | None, timeout: float) -> None:
+        from medxplain_client.stubs import ensure_stubs
+
+        stubs = ensure_stubs()
+        self.pb = stubs.open_inference_grpc_pb2
+        self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                                              ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        self.stub = stubs.open_inference_grpc_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+
+    def request(self, model: str, payload: bytes, fields: dict[str, str], explain: bool, outputs: tuple[str, ...] = ()):
+        pb = self.pb
+        params = dict(fields)
+        if explain:
+            params.setdefault("explain", "default")
+        return pb.ModelInferRequest(
+            model_name=model, inputs=[pb.ModelInferRequest.InferInputTensor(name="data", datatype="BYTES", shape=[1])],
+            raw_input_contents=[_length_prefixed(payload)],
+            parameters={k: pb.InferParameter(string_param=v) for k, v in params.items()},
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs])
+
+    def infer(self, request):
+        try:
+            return self.stub.ModelInfer(request, timeout=self.timeout, metadata=self.metadata)
+        except grpc.RpcError as err:
+            raise _oip_grpc_error(err) from None
+
+    def send(self, model: str, payload: bytes, filename: str, fields: dict[str, str], explain: bool) -> dict:
+        reply = self.infer(self.request(model, payload, fields, explain))
+        for i, out in enumerate(reply.outputs):
+            if out.name == "result":
+                return _checked(_json(_unprefixed(reply.raw_output_contents[i])))
+        raise ClientError(502, "bad_response", "the server's answer has no 'result' output")
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _oip_grpc_error(err: grpc.RpcError) -> ClientError:
+    """Our refusals carry the REST error body as details; other statuses (KServe's own) map as TorchServe's."""
+    code, details = err.code(), err.details() or ""  # type: ignore[attr-defined]
+    body = _json(details.encode())
+    if isinstance(body, dict) and isinstance(body.get("code"), int) and "message" in body:
+        return ClientError(body["code"], str(body.get("error") or code.name.lower()), str(body["message"]))
+    return ClientError(GRPC_TO_HTTP.get(code, 500), code.name.lower(), details[:200])

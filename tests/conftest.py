@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from devstack import iam
-from devstack.services import MinioServer, OrthancServer, TorchServeServer
+from devstack.services import KServeServer, MinioServer, OrthancServer, TorchServeServer
 from medxplain_contract.storage import S3Config
 from model_store.archive import build_archive
 from model_store.synth import mammo, mri
@@ -66,20 +66,38 @@ def storage_users(minio_server) -> dict[str, S3Config]:
     return {c: S3Config(minio_server.endpoint, False, u.access_key, u.secret_key) for c, u in users.items()}
 
 
+# MEDXAI_TEST_BUNDLES=DIR reuses data and bundles trained once with these same settings (DIR/ddsm-data,
+# DIR/ddsm, DIR/ddsm.report.json, the same for adni): for iterating on serving code, not for CI.
+# The archives are still built from the checkout each session, so they carry the code under test.
+PRETRAINED = Path(os.environ["MEDXAI_TEST_BUNDLES"]) if os.environ.get("MEDXAI_TEST_BUNDLES") else None
+
+
+def _pretrained_bundle(kind: str) -> tuple[Path, dict]:
+    import json
+
+    return PRETRAINED / kind, json.loads((PRETRAINED / f"{kind}.report.json").read_text())
+
+
 @pytest.fixture(scope="session")
 def ddsm_data(tmp_path_factory) -> Path:
+    if PRETRAINED:
+        return PRETRAINED / "ddsm-data"
     out = tmp_path_factory.mktemp("ddsm-data")
     return mammo.generate_dataset(out, n_cases=30, seed=7, height=700, width=454, progress=False)
 
 
 @pytest.fixture(scope="session")
 def adni_data(tmp_path_factory) -> Path:
+    if PRETRAINED:
+        return PRETRAINED / "adni-data"
     out = tmp_path_factory.mktemp("adni-data")
     return mri.generate_dataset(out, n_subjects=40, seed=7, resolution_mm=2, progress=False)
 
 
 @pytest.fixture(scope="session")
 def ddsm_bundle(ddsm_data, tmp_path_factory) -> tuple[Path, dict]:
+    if PRETRAINED:
+        return _pretrained_bundle("ddsm")
     out = tmp_path_factory.mktemp("ddsm-bundle")
     report = train("ddsm", ddsm_data, out, profile="test")
     return out, report
@@ -87,6 +105,8 @@ def ddsm_bundle(ddsm_data, tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="session")
 def adni_bundle(adni_data, tmp_path_factory) -> tuple[Path, dict]:
+    if PRETRAINED:
+        return _pretrained_bundle("adni")
     out = tmp_path_factory.mktemp("adni-bundle")
     report = train("adni", adni_data, out, profile="test")
     return out, report
@@ -104,6 +124,19 @@ def model_store(ddsm_bundle, adni_bundle, tmp_path_factory) -> Path:
 def torchserve(model_store, tmp_path_factory) -> TorchServeServer:
     server = TorchServeServer(workdir=tmp_path_factory.mktemp("torchserve"), model_store=model_store,
                               models={"ddsm": "ddsm.mar", "adni": "adni.mar"})
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kserve(model_store, tmp_path_factory) -> KServeServer:
+    """The same archives under KServe's ModelServer (python -m medxplain_kserve), token auth on."""
+    server = KServeServer(workdir=tmp_path_factory.mktemp("kserve"), model_store=model_store)
     try:
         server.start()
     except BaseException:

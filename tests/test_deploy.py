@@ -165,18 +165,28 @@ def test_kubernetes_validate_rejects_broken_manifests(tools, rendered, tmp_path)
 def test_kserve_variant(rendered):
     objs = rendered["kserve"][1]
     isvc = find(objs, "InferenceService", "medxai")
-    runtime = find(objs, "ServingRuntime", "medxai-torchserve")
+    runtime = find(objs, "ServingRuntime", "medxai-kserve")
     model = isvc["spec"]["predictor"]["model"]
     assert model["runtime"] == runtime["metadata"]["name"]
     assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
     assert re.fullmatch(r"s3://[a-z0-9.-]+/\S+", model["storageUri"])
     assert isvc["spec"]["predictor"]["serviceAccountName"] == find(objs, "ServiceAccount", "medxai-kserve")[
         "metadata"]["name"]
+    assert set(runtime["spec"]["protocolVersions"]) == {"v1", "v2", "grpc-v2"}
     (container,) = runtime["spec"]["containers"]
-    args = container["args"]  # KServe downloads storageUri to /mnt/models: config/ + model-store/
-    assert args[args.index("--ts-config") + 1] == "/mnt/models/config/config.properties"
+    assert container["command"] == ["python", "-m", "medxplain_kserve"]
+    args = container["args"]  # KServe downloads storageUri to /mnt/models: model-store/
     assert args[args.index("--model-store") + 1] == "/mnt/models/model-store"
-    assert {p["containerPort"] for p in container["ports"]} == {serve_config_ports()["http"]}
+    assert "--no-auth" not in args  # the token check stays on (docs/deploy.md)
+    token = Path(args[args.index("--token-file") + 1])
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in runtime["spec"]["volumes"]}
+    assert str(token.parent) == mounts["token"] and volumes["token"]["secret"]["secretName"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http1": int(args[args.index("--http-port") + 1]), "h2c": int(args[args.index("--grpc-port") + 1])}
+    for probe in ("readinessProbe", "livenessProbe"):  # the open health routes (medxplain_kserve/security.py)
+        assert container[probe]["httpGet"]["path"] in {"/v2/health/ready", "/v2/health/live"}
+        assert container[probe]["httpGet"]["port"] == ports["http1"]
 
 
 # --------------------------------------------------------------------------------------------------

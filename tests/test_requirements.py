@@ -102,7 +102,7 @@ IMAGES = {  # image -> (the set it installs, the project packages it copies)
     "ui": ("ui", {"medxplain_contract", "medxplain_client", "ui"}),
 }
 PACKAGES = {"medxplain_contract", "medxplain_models", "medxplain_dicom", "medxplain_engine", "medxplain_client", "handlers",
-            "model_store", "batch", "devstack", "ui"}
+            "model_store", "batch", "devstack", "ui", "medxplain_kserve"}
 
 
 @pytest.mark.parametrize("image", sorted(IMAGES))
@@ -137,12 +137,15 @@ def test_ui_image_has_no_torch():
 
 # --- every import of a deployable's code is installed by its own set ------------------------------------
 
-PROJECT = {"ui", "medxplain_client", "medxplain_contract", "medxplain_models", "medxplain_dicom", "medxplain_engine", "handlers",
+PROJECT = {"ui", "medxplain_client", "medxplain_kserve", "medxplain_contract", "medxplain_models", "medxplain_dicom", "medxplain_engine", "handlers",
            "batch", "model_store", "devstack", "tests", "docker"}
 CODE_OF_SET = {"contract": ("medxplain_contract",), "client": ("medxplain_client", "medxplain_contract"),
                "ui": ("ui", "medxplain_client", "medxplain_contract"),
                "serve": ("handlers", "medxplain_engine", "medxplain_dicom", "medxplain_models", "medxplain_contract"),
-               "batch": ("batch", "medxplain_engine", "medxplain_dicom", "medxplain_models", "medxplain_contract")}
+               "batch": ("batch", "medxplain_engine", "medxplain_dicom", "medxplain_models", "medxplain_contract"),
+               # the KServe runtime imports batch/archive.py only (its imports: stdlib, contract, engine)
+               "kserve": ("medxplain_kserve", "medxplain_engine", "medxplain_dicom", "medxplain_models",
+                          "medxplain_contract")}
 # Imported only where their own set is installed: the client's gRPC stubs are generated at setup (grpcio-tools
 # is a build tool), and the stub generator is not run inside the images that lack it.
 OPTIONAL = {("client", "grpc_tools"), ("ui", "grpc_tools")}
