@@ -217,7 +217,7 @@ def build_image(name: str, torch_index: str | None = None, base: str = "local") 
     """Build one image with reusable layers; returns the wall time in seconds."""
     dockerfile = DOCKER / name / "Dockerfile"
     context = DOCKER / name if name == "minio" else REPO_ROOT
-    cmd = ["build", "--isolation", ISOLATION, "--layers", "--format", "docker", "-f", str(dockerfile),
+    cmd = ["build", "--isolation", ISOLATION, "--layers", "--force-rm", "--format", "docker", "-f", str(dockerfile),
            *build_args(name, torch_index, base), "-t", image_ref(name)]
     ignore = DOCKER / name / "Dockerfile.dockerignore"
     if ignore.exists():  # buildah 1.28 reads only <context>/.dockerignore by itself
@@ -260,12 +260,17 @@ class Running:
     container: str
     config: dict
     log_path: Path
+    volumes: tuple[str, ...] = ()
     proc: subprocess.Popen | None = None
 
     def exec(self, argv: list[str], timeout: float = 60.0, user: str | None = None) -> subprocess.CompletedProcess:
-        """Run a second command in the same container (e.g. the image's HEALTHCHECK)."""
+        """Run a second command in the same container (e.g. the image's HEALTHCHECK), with the same
+        host folders mounted (`buildah run` mounts per command, not per container)."""
         cmd = ["buildah", "run", "--isolation", ISOLATION, "--network", "host",
-               "--user", user or self.config.get("User") or "0:0", self.container, "--", *argv]
+               "--user", user or self.config.get("User") or "0:0"]
+        for volume in self.volumes:
+            cmd += ["--volume", volume]
+        cmd += [self.container, "--", *argv]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
     def healthcheck(self, replace: dict[str, str] | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess:
@@ -303,6 +308,12 @@ def run_image(name: str, args: list[str] | None, log_path: Path, env: dict[str, 
         raise ImageError(f"{ref} has neither ENTRYPOINT nor CMD")
     container = buildah("from", "--pull-never", "--name", f"medxai-{name}-{os.getpid()}-{time.time_ns() % 10**6}",
                         ref, capture=True).stdout.strip().splitlines()[-1]
+    # buildah 1.28 mounts an anonymous volume for each VOLUME over a --volume at the same path: drop
+    # the declaration from this working container so the host folder is what the process sees.
+    for volume in volumes or []:
+        target = volume.split(":")[1]
+        if target in (config.get("Volumes") or {}):
+            buildah("config", "--volume", f"{target}-", container)
     cmd = ["buildah", "run", "--isolation", ISOLATION, "--network", "host",
            "--user", config.get("User") or "0:0", "--workingdir", config.get("WorkingDir") or "/"]
     for key, value in (env or {}).items():
@@ -311,7 +322,7 @@ def run_image(name: str, args: list[str] | None, log_path: Path, env: dict[str, 
         cmd += ["--volume", volume]
     cmd += [container, "--", *argv]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    running = Running(name, container, config, log_path)
+    running = Running(name, container, config, log_path, tuple(volumes or ()))
     with open(log_path, "ab") as out:
         running.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
@@ -488,7 +499,8 @@ def check_batch(workdir: Path, archive: Path, data_dir: Path, s3_env: str, outpu
     os.chmod(secrets_dir / "s3.env", 0o644)  # read by uid 10001 inside; a throwaway test user's keys
     models = workdir / "batch-models"
     models.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(archive, models / archive.name)
+    for sidecar in sorted(archive.parent.glob(f"{archive.name}*")):  # the .mar, its .sha256 and .json
+        shutil.copyfile(sidecar, models / sidecar.name)
     args = ["run", "--model", model, "--archive", f"/home/medxai/models/{archive.name}",
             "--input", "/home/medxai/input", "--output", output, "--s3-env", "/home/medxai/secrets/s3.env",
             "--threads", "2", "--no-progress"]

@@ -1,8 +1,8 @@
 """The four container images, built with buildah and started with their own ENTRYPOINT, CMD and USER.
 
-Builds are slow when cold (the serve and batch images carry torch): the module builds whatever is
-missing on the local base stand-ins (devstack/images.py; `make images` builds them ahead), reusing
-buildah's layers. Set MEDXAI_IMAGES_TORCH_INDEX to the torch index this machine reaches (PyPI here).
+Builds are slow when cold (the serve and batch images carry torch): the module (re)builds all four
+on the local base stand-ins (devstack/images.py; `make images` builds them ahead), and buildah
+reuses every unchanged layer, so a cached rebuild only re-copies the project's code. Set MEDXAI_IMAGES_TORCH_INDEX to the torch index this machine reaches (PyPI here).
 It skips only where buildah is not installable (not root, no apt-get); MEDXAI_SKIP_IMAGES=1 skips
 it on purpose (.ci/run sets it when the time budget does not allow the image tests).
 """
@@ -42,9 +42,8 @@ def built() -> dict[str, str]:
         pytest.skip(reason)
     images.build_base_images()
     index = os.environ.get("MEDXAI_IMAGES_TORCH_INDEX") or None
-    for name in images.IMAGES:
-        if os.environ.get("MEDXAI_IMAGES_REBUILD") == "1" or not images.image_exists(images.image_ref(name)):
-            images.build_image(name, index)
+    for name in images.IMAGES:  # always: buildah reuses every unchanged layer, so this picks up code changes
+        images.build_image(name, index)
     return {name: images.image_ref(name) for name in images.IMAGES}
 
 
