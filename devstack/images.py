@@ -451,14 +451,16 @@ def check_serve(workdir: Path, model_store: Path, sample: Path, model: str = "dd
         import urllib.error
         import urllib.request
         body = sample.read_bytes()
+        raw = {"Content-Type": "application/octet-stream"}  # urllib's form default makes Netty parse a form
         try:
-            urllib.request.urlopen(urllib.request.Request(f"{base}/predictions/{model}", data=body), timeout=60)
+            urllib.request.urlopen(urllib.request.Request(f"{base}/predictions/{model}", data=body, headers=raw),
+                                   timeout=60)
             raise ImageError("serve image answered a prediction without the token")
         except urllib.error.HTTPError as err:
             refused = err.code
         t0 = time.monotonic()
         request = urllib.request.Request(f"{base}/predictions/{model}", data=body,
-                                         headers={"Authorization": f"Bearer {key()}"})
+                                         headers={**raw, "Authorization": f"Bearer {key()}"})
         with urllib.request.urlopen(request, timeout=300) as r:
             result = json.loads(r.read())
         latency = time.monotonic() - t0
