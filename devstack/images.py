@@ -614,11 +614,6 @@ def check_all(workdir: Path, model_store: Path, data_dir: Path, model: str = "dd
     return report
 
 
-def prune() -> None:
-    """Drop dangling images (old layers of rebuilt images); the build caches stay."""
-    buildah("rmi", "--prune", check=False, capture=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devstack.images", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -651,7 +646,6 @@ def main(argv: list[str] | None = None) -> int:
             if unknown:
                 parser.error(f"unknown image(s) {', '.join(unknown)}: choose from {', '.join(IMAGES)}")
             times = {n: round(build_image(n, args.torch_index, args.base)) for n in args.names}
-            prune()
             for name, took in times.items():
                 print(f"{image_ref(name)}: {took} s, {image_size(image_ref(name)) / 1e6:.0f} MB")
         elif args.command == "test":

@@ -3,6 +3,8 @@
 Builds are slow when cold (the serve and batch images carry torch): the module (re)builds all four
 on the local base stand-ins (devstack/images.py; `make images` builds them ahead), and buildah
 reuses every unchanged layer, so a cached rebuild only re-copies the project's code. Set MEDXAI_IMAGES_TORCH_INDEX to the torch index this machine reaches (PyPI here).
+The serve and batch checks use the session's trained archives and ddsm set, or, to skip training,
+MEDXAI_IMAGES_MODEL_STORE (a folder with ddsm.mar + .sha256) and MEDXAI_IMAGES_DDSM_DATA.
 It skips only where buildah is not installable (not root, no apt-get); MEDXAI_SKIP_IMAGES=1 skips
 it on purpose (.ci/run sets it when the time budget does not allow the image tests).
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +50,20 @@ def built() -> dict[str, str]:
     return {name: images.image_ref(name) for name in images.IMAGES}
 
 
+@pytest.fixture(scope="module")
+def image_store(request) -> Path:
+    """The suite's archives (trained in this session), or MEDXAI_IMAGES_MODEL_STORE's (e.g. build/model-store)."""
+    env = os.environ.get("MEDXAI_IMAGES_MODEL_STORE")
+    return Path(env) if env else request.getfixturevalue("model_store")
+
+
+@pytest.fixture(scope="module")
+def image_data(request) -> Path:
+    """The suite's synthetic ddsm set, or MEDXAI_IMAGES_DDSM_DATA's (e.g. build/data/ddsm)."""
+    env = os.environ.get("MEDXAI_IMAGES_DDSM_DATA")
+    return Path(env) if env else request.getfixturevalue("ddsm_data")
+
+
 def test_images_run_as_non_root_with_their_entrypoints(built):
     for name, ref in built.items():
         config = images.image_config(ref)
@@ -60,11 +77,11 @@ def test_minio_image_bucket_round_trip(built, tmp_path):
     assert result["healthcheck"] == 0 and result["roundtrip_bytes"] == 4096
 
 
-def test_serve_image_answers_an_authenticated_prediction(built, model_store, ddsm_data, tmp_path):
+def test_serve_image_answers_an_authenticated_prediction(built, image_store, image_data, tmp_path):
     import csv
-    with open(ddsm_data / "images.csv", newline="") as f:
+    with open(image_data / "images.csv", newline="") as f:
         row = next(r for r in csv.DictReader(f) if r["split"] == "test")
-    result = images.check_serve(tmp_path, model_store, ddsm_data / row["path"])
+    result = images.check_serve(tmp_path, image_store, image_data / row["path"])
     assert result["unauthenticated_status"] in (400, 401)
     assert set(result["probabilities"]) == {"normal", "benign", "malignant"}
     assert result["healthcheck"] == 0
@@ -80,9 +97,9 @@ def image_minio(tmp_path_factory) -> MinioServer:
     server.stop()
 
 
-def test_batch_image_writes_one_item_and_the_ui_image_shows_it(built, model_store, ddsm_data, image_minio, tmp_path):
+def test_batch_image_writes_one_item_and_the_ui_image_shows_it(built, image_store, image_data, image_minio, tmp_path):
     env = images.s3_env_lines(image_minio.endpoint, image_minio.access_key, image_minio.secret_key)
-    result = images.check_batch(tmp_path, model_store / "ddsm.mar", ddsm_data, env, "s3://images-test/runs/one",
+    result = images.check_batch(tmp_path, image_store / "ddsm.mar", image_data, env, "s3://images-test/runs/one",
                                 image_minio.client())
     assert result["items"] == 1
     ui = images.check_ui(tmp_path, env, "s3://images-test/runs")
