@@ -35,6 +35,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
+.PHONY: images base-images images-test images-sizes check-buildah
 .PHONY: lint help setup check-java check-chromium check-orthanc data train archives serve stop demo test bench bench-scale clean
 
 help:
@@ -42,6 +43,7 @@ help:
 	@echo "make test      set up and run the test suite against real MinIO, TorchServe and Orthanc"
 	@echo "make setup     virtualenv ($(VENV)), MinIO server binary, Java, Chromium and Orthanc checks"
 	@echo "make data | train | archives | serve | stop | bench | bench-scale | bench-gpu | clean | ui-env"
+	@echo "make images | images-test | base-images   build the four container images with buildah / start and check them"
 
 setup: $(VENV)/.installed $(MINIO_BIN) check-java check-chromium check-orthanc
 	@# gRPC stubs are generated from the .proto files inside the installed TorchServe jar (never committed)
@@ -103,6 +105,34 @@ $(DEPLOY_TOOLS)/.installed: requirements-deploy.txt
 	$(DEPLOY_TOOLS)/bin/pip install --quiet --upgrade pip
 	$(DEPLOY_TOOLS)/bin/pip install -r requirements-deploy.txt
 	touch $@
+
+# Container images with buildah (no Docker daemon): docs/deploy.md "Building and running the images".
+# IMAGE_BASE=local builds on the stand-ins of `make base-images` (debootstrap from the host's Debian
+# mirror); IMAGE_BASE=public on the Dockerfiles' pinned tags (needs a registry). TORCH_INDEX_URL: the
+# index for torch/torchvision (empty: the Dockerfiles' CPU index download.pytorch.org; this machine
+# has only PyPI: TORCH_INDEX_URL=https://pypi.org/simple, the CUDA build with its nvidia-* wheels).
+IMAGE_BASE ?= local
+TORCH_INDEX_URL ?=
+IMAGE_TEST_STORE ?= $(MAR_DIR)
+IMAGE_TEST_DATA ?= $(DATA)/ddsm
+check-buildah:
+	@{ command -v buildah && command -v debootstrap; } >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah debootstrap; \
+	  else echo "The image targets need Debian's buildah and debootstrap, run as root: apt-get install buildah debootstrap"; exit 1; fi; }
+
+base-images: check-buildah | setup
+	$(PY) -m devstack.images base
+
+images: check-buildah $(if $(filter local,$(IMAGE_BASE)),base-images) | setup
+	$(PY) -m devstack.images build --base $(IMAGE_BASE) $(if $(TORCH_INDEX_URL),--torch-index $(TORCH_INDEX_URL))
+
+images-sizes: check-buildah | setup
+	$(PY) -m devstack.images sizes
+
+# Starts every image (its own ENTRYPOINT, CMD, USER) on loopback ports and checks its answers.
+images-test: images $(ARCHIVES) check-chromium
+	$(PY) -m devstack.images test --model-store $(IMAGE_TEST_STORE) --data $(IMAGE_TEST_DATA) --workdir $(BUILD)/images-test
 
 # File targets make every step idempotent: data, models and archives are built once and reused.
 DDSM_DATA := $(DATA)/ddsm/dataset.json
