@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from medxplain_contract.arrays import load_npy, load_npz
 from medxplain_contract.checksums import IntegrityError, verified
 from medxplain_contract.encodings import decode_3d, decode_map
 from medxplain_contract.layout import ANN_INDEX, COMPLETE, FAILURES, ITEMS, PRIVATE, RunLayout
@@ -197,8 +198,8 @@ class RunReader:
             raw = self.bytes(_REL.model("classifier.npz"))
         except KeyError:
             return None
-        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
-            return npz["weight"], npz["bias"]
+        arrays = load_npz(raw)
+        return arrays["weight"], arrays["bias"]
 
     def item_ids(self) -> list[str]:
         """Complete items only (their ``_complete.json`` exists), sorted."""
@@ -210,7 +211,7 @@ class RunReader:
     def embeddings(self) -> tuple[list[str], np.ndarray] | None:
         try:
             ids = self.json(_REL.index("ids.json"))
-            matrix = np.load(io.BytesIO(self.bytes(_REL.index("embeddings.npy"))), allow_pickle=False)
+            matrix = load_npy(self.bytes(_REL.index("embeddings.npy")))
         except KeyError:
             return None
         if isinstance(ids, dict):
@@ -263,8 +264,7 @@ class RunReader:
                 raise IntegrityError(key, "missing" if stat is None else "sha256_mismatch", item_id)
 
     def features(self, item_id: str) -> dict[str, np.ndarray]:
-        with np.load(io.BytesIO(self.item_bytes(item_id, "features.npz")), allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
+        return load_npz(self.item_bytes(item_id, "features.npz"))
 
     def input_name(self, item_id: str, result: dict | None = None) -> str:
         """Relative key of the analysed input: input.png (2D) or input.nii.gz (3D, on the model grid)."""

@@ -11,19 +11,16 @@ matrix is then not needed (IVF-Flat holds the vectors). Runs without an ANN inde
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from medxplain_contract.arrays import load_npy
+
 FORMAT = 1
 _BLAS = ThreadpoolController()
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 @dataclass(frozen=True)

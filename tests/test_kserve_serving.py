@@ -32,6 +32,17 @@ def _untimed(body: dict) -> dict:
     return {k: v for k, v in body.items() if k != "timing_ms"}
 
 
+def _same_up_to_rounding(a, b, tol: float = 1e-4) -> bool:
+    """Equal apart from float rounding: a batched forward and a single one take different oneDNN kernels."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_up_to_rounding(a[k], b[k], tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_up_to_rounding(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= tol * max(1.0, abs(b))
+    return a == b
+
+
 def _volume(adni_data) -> bytes:
     with open(adni_data / "subjects.csv", newline="") as f:
         row = next(r for r in csv.DictReader(f) if r["split"] == "test")
@@ -205,7 +216,9 @@ def test_dynamic_batching_keeps_rows_isolated(kserve):
     assert [a.status_code for a in answers[:6]] == [200] * 6
     assert all(400 <= a.status_code < 500 for a in answers[6:])
     alone = v2_result(v2_rest(kserve, "ddsm", bodies[3], {"top_k": 2}))
-    assert _untimed(v2_result(answers[3])) == _untimed(alone)
+    # the same answer as alone, up to the float rounding of a batch's kernels (the same holds on TorchServe)
+    batched = _untimed(v2_result(answers[3]))
+    assert _same_up_to_rounding(batched, _untimed(alone)), (batched["prediction"], alone["prediction"])
     sizes = [int(n) for n in re.findall(r"dynamic batch of (\d+) rows", kserve.log_path.read_text())]
     assert sizes and max(sizes) > 1, "no dynamic batch was formed"
 
