@@ -43,7 +43,7 @@ help:
 	@echo "make test      set up and run the test suite against real MinIO, TorchServe and Orthanc"
 	@echo "make setup     virtualenv ($(VENV)), MinIO server binary, Java, Chromium and Orthanc checks"
 	@echo "make data | train | archives | serve | stop | bench | bench-scale | bench-gpu | clean | ui-env"
-	@echo "make images | images-test | base-images   build the four container images with buildah / start and check them"
+	@echo "make images | images-test | base-images   build the five container images (kserve too) with buildah / start and check them"
 
 setup: $(VENV)/.installed $(MINIO_BIN) check-java check-chromium check-orthanc
 	@# gRPC stubs are generated from the .proto files inside the installed TorchServe jar (never committed)

@@ -1,9 +1,10 @@
-"""Build, start and measure the four container images with buildah (no Docker daemon needed).
+"""Build, start and measure the five container images with buildah (no Docker daemon needed).
 
 `make base-images` builds local stand-ins for the public base images (a Debian bookworm rootfs made
 by debootstrap from the host's Debian mirror, Python 3.11 at /usr/local/bin/python like
 python:3.11-slim, and a Go builder with the host's Go toolchain copied in) for machines that cannot
-pull from a registry. `make images` builds serve, batch, ui and minio from docker/*/Dockerfile with
+pull from a registry. `make images` builds serve, batch, ui and minio from docker/*/Dockerfile (and
+kserve, the KServe runtime, from docker/serve/Dockerfile's kserve stage) with
 `buildah build --layers` (unchanged steps are reused; pip and Go caches are build mounts).
 `make images-test` (and tests/test_images.py) starts each image with its own ENTRYPOINT, CMD, USER
 and WORKDIR through `buildah run` (chroot isolation shares the host network, so loopback works).
@@ -28,7 +29,9 @@ log = logging.getLogger("devstack.images")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKER = REPO_ROOT / "docker"
-IMAGES = ("minio", "ui", "batch", "serve")  # cheapest first: a broken tool chain fails early
+IMAGES = ("minio", "ui", "batch", "serve", "kserve")  # cheapest first: a broken tool chain fails early
+# Images built from a stage of another image's Dockerfile: name -> (docker/<folder>, --target stage).
+STAGES = {"kserve": ("serve", "kserve")}
 TAG = "0.1.0"
 BASE_PYTHON = "localhost/medxai-base/python:3.11-bookworm"
 BASE_DEBIAN = "localhost/medxai-base/debian:12-minbase"
@@ -208,18 +211,19 @@ def build_args(name: str, torch_index: str | None, base: str) -> list[str]:
     else:
         if base == "local":
             args += ["--build-arg", f"PYTHON_IMAGE={BASE_PYTHON}"]
-        if torch_index and name in ("serve", "batch"):
+        if torch_index and name in ("serve", "batch", "kserve"):
             args += ["--build-arg", f"TORCH_INDEX_URL={torch_index}"]
     return args
 
 
 def build_image(name: str, torch_index: str | None = None, base: str = "local") -> float:
     """Build one image with reusable layers; returns the wall time in seconds."""
-    dockerfile = DOCKER / name / "Dockerfile"
-    context = DOCKER / name if name == "minio" else REPO_ROOT
+    folder, target = STAGES.get(name, (name, None))
+    dockerfile = DOCKER / folder / "Dockerfile"
+    context = DOCKER / folder if folder == "minio" else REPO_ROOT
     cmd = ["build", "--isolation", ISOLATION, "--layers", "--force-rm", "--format", "docker", "-f", str(dockerfile),
-           *build_args(name, torch_index, base), "-t", image_ref(name)]
-    ignore = DOCKER / name / "Dockerfile.dockerignore"
+           *build_args(name, torch_index, base), *(["--target", target] if target else []), "-t", image_ref(name)]
+    ignore = DOCKER / folder / "Dockerfile.dockerignore"
     if ignore.exists():  # buildah 1.28 reads only <context>/.dockerignore by itself
         cmd += ["--ignorefile", str(ignore)]
     start = time.monotonic()
@@ -347,7 +351,7 @@ def wait_for(check, what: str, running: Running, timeout: float) -> None:
 # --- what each image must answer -------------------------------------------------------------------
 
 def _owned_dir(path: Path, uid: int = 10001) -> Path:
-    """A host folder the image's non-root user (uid 10001 in all four images) can write."""
+    """A host folder the image's non-root user (uid 10001 in all five images) can write."""
     path.mkdir(parents=True, exist_ok=True)
     os.chown(path, uid, uid)
     return path
@@ -476,6 +480,84 @@ def check_serve(workdir: Path, model_store: Path, sample: Path, model: str = "dd
         running.stop()
 
 
+def oip_v2_body(data: bytes) -> tuple[bytes, dict[str, str]]:
+    """An OIP v2 REST infer request with the file as BYTES input ``data`` (binary tensor extension), asking
+    for the ``result`` output: what medxplain_client's oip-rest transport sends."""
+    element = len(data).to_bytes(4, "little") + data
+    header = json.dumps({"inputs": [{"name": "data", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": len(element)}}],
+                         "outputs": [{"name": "result"}]}).encode()
+    return header + element, {"Inference-Header-Content-Length": str(len(header)),
+                              "Content-Type": "application/octet-stream"}
+
+
+def oip_v2_result(body: bytes, headers) -> dict:
+    """The JSON of the ``result`` output of an OIP v2 answer (JSON, or binary extension)."""
+    if headers.get("Inference-Header-Content-Length") is None:
+        return json.loads(json.loads(body)["outputs"][0]["data"][0])
+    n = int(headers["Inference-Header-Content-Length"])
+    out = json.loads(body[:n])["outputs"][0]
+    return json.loads(body[n + 4:n + out["parameters"]["binary_data_size"]])
+
+
+def check_kserve(workdir: Path, model_store: Path, sample: Path, model: str = "ddsm", timeout: float = 300.0) -> dict:
+    """The KServe runtime image on loopback ports with ``model_store`` at its /mnt/models/model-store and a
+    token file where the Secret goes: /v2/health/ready, an infer without the token refused, an
+    authenticated OIP v2 infer, and the image's HEALTHCHECK exiting 0."""
+    import secrets
+    import urllib.error
+    import urllib.request
+
+    from devstack.services import free_port
+    http, grpc = free_port(), free_port()
+    token = secrets.token_urlsafe(32)
+    secret_dir = _owned_dir(workdir / "kserve-secret")
+    (secret_dir / "token").write_text(token + "\n")
+    os.chown(secret_dir / "token", 10001, 10001)
+    os.chmod(secret_dir / "token", 0o400)
+    tmp = _owned_dir(workdir / "kserve-tmp")
+    tmp.chmod(0o1777)
+    cmd = list(image_config(image_ref("kserve")).get("Cmd") or [])
+    # CMD's shape with loopback and free ports only (and just ``model``: the store may hold one archive).
+    values = {"--host": "127.0.0.1", "--http-port": str(http), "--grpc-port": str(grpc), "--models": model}
+    args = [values.get(cmd[i - 1], a) if i else a for i, a in enumerate(cmd)]
+    running = run_image("kserve", args, workdir / "kserve.log",
+                        volumes=[f"{model_store.resolve()}:/mnt/models/model-store:ro",
+                                 # /var/run links to /run in Debian; buildah 1.28 (chroot) silently skips a
+                                 # mount whose target path crosses that link, so the real path is mounted.
+                                 f"{secret_dir}:/run/secrets/medxai:ro", f"{tmp}:/tmp"])
+    base = f"http://127.0.0.1:{http}"
+    try:
+        start = time.monotonic()
+        wait_for(lambda: _get(f"{base}/v2/health/ready")[0] == 200, "kserve image /v2/health/ready", running, timeout)
+        ready = time.monotonic() - start
+        body, headers = oip_v2_body(sample.read_bytes())
+        url = f"{base}/v2/models/{model}/infer"
+        # The refusal comes before the body is read, and the server then closes the connection: a large
+        # body would still be in flight (connection reset), so the unauthenticated request is small.
+        small, small_headers = oip_v2_body(sample.read_bytes()[:64])
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, data=small, headers=small_headers), timeout=60)
+            raise ImageError("kserve image answered an infer request without the token")
+        except urllib.error.HTTPError as err:
+            refused = err.code
+        t0 = time.monotonic()
+        request = urllib.request.Request(url, data=body, headers={**headers, "Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=300) as r:
+            result = oip_v2_result(r.read(), r.headers)
+        latency = time.monotonic() - t0
+        probabilities = result["prediction"]["probabilities"]
+        if result["model"]["name"] != model or abs(sum(probabilities.values()) - 1) > 1e-4:
+            raise ImageError(f"kserve image: unexpected infer result for {model}")
+        health = running.healthcheck({"http://127.0.0.1:8080/": f"{base}/"})
+        if health.returncode != 0:
+            raise ImageError(f"kserve HEALTHCHECK exited {health.returncode}: {(health.stdout + health.stderr)[-500:]}")
+        return {"ready_s": round(ready, 1), "unauthenticated_status": refused, "infer_s": round(latency, 2),
+                "probabilities": probabilities, "healthcheck": health.returncode}
+    finally:
+        running.stop()
+
+
 def s3_env_lines(endpoint: str, access_key: str, secret_key: str) -> str:
     return f"MEDXAI_S3_ENDPOINT=http://{endpoint}\nMEDXAI_S3_ACCESS_KEY={access_key}\nMEDXAI_S3_SECRET_KEY={secret_key}\n"
 
@@ -597,6 +679,8 @@ def check_all(workdir: Path, model_store: Path, data_dir: Path, model: str = "dd
     log.info("minio image: %s", report["minio"])
     report["serve"] = check_serve(workdir, model_store, data_dir / row["path"], model)
     log.info("serve image: %s", report["serve"])
+    report["kserve"] = check_kserve(workdir, model_store, data_dir / row["path"], model)
+    log.info("kserve image: %s", report["kserve"])
     minio = MinioServer(data_dir=workdir / "host-minio" / "data", log_path=workdir / "host-minio" / "minio.log").start()
     try:
         client = minio.client()
@@ -620,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     base = sub.add_parser("base", help="build the local base stand-ins (debootstrap; cached)")
     base.add_argument("--force", action="store_true", help="rebuild them even if present")
     build = sub.add_parser("build", help="build the images (buildah build --layers)")
-    build.add_argument("names", nargs="*", default=list(IMAGES), help="images to build (default: all four)")
+    build.add_argument("names", nargs="*", default=list(IMAGES), help="images to build (default: all five)")
     build.add_argument("--base", choices=["local", "public"], default="local",
                        help="local: the stand-ins of `base`; public: the Dockerfiles' pinned tags (needs a registry)")
     build.add_argument("--torch-index", default=None,

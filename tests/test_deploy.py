@@ -187,6 +187,17 @@ def test_kserve_variant(rendered):
     for probe in ("readinessProbe", "livenessProbe"):  # the open health routes (medxplain_kserve/security.py)
         assert container[probe]["httpGet"]["path"] in {"/v2/health/ready", "/v2/health/live"}
         assert container[probe]["httpGet"]["port"] == ports["http1"]
+    # The runtime's own image (docker/serve/Dockerfile --target kserve), not TorchServe's: its defaults agree.
+    assert image_of(container["image"]) == "kserve"
+    image = images()["kserve"]
+    default = image["entrypoint"] + image["cmd"]
+    assert default[:3] == container["command"] and "--no-auth" not in default
+    for flag in ("--model-store", "--http-port", "--grpc-port", "--token-file"):
+        assert default[default.index(flag) + 1] == args[args.index(flag) + 1], flag
+    assert set(ports.values()) == image["expose"]
+    assert f":{ports['http1']}/v2/health/ready" in " ".join(image["healthcheck"])
+    assert {"medxplain_kserve", "batch", "medxplain_engine", "medxplain_models", "medxplain_dicom",
+            "medxplain_contract"} <= {Path(src).name for src in image["copies"].values()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,8 +277,12 @@ def test_hadolint_rejects_a_bad_dockerfile(tools, tmp_path):
 # consistency: what the Dockerfiles, compose and manifests say
 
 
-def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the final image (the last stage and the stages it builds on)."""
+# Images built from a named stage of another image's Dockerfile (devstack/images.py STAGES).
+STAGE_IMAGES = {"kserve": ("serve", "kserve")}
+
+
+def dockerfile_instructions(path: Path, target: str | None = None) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the final image (the last stage, or ``target``, and the stages it builds on)."""
     text = re.sub(r"\\\n", " ", path.read_text())
     stages: dict[str, list] = {}
     current: list = []
@@ -282,7 +297,7 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
             current = list(stages.get(base.strip(), []))  # FROM an earlier stage inherits it
             stages[alias.strip() or f"stage{len(stages)}"] = current
         current.append((word, rest.strip()))
-    return current
+    return stages[target] if target else current
 
 
 def exec_form(args: str) -> list[str]:
@@ -295,10 +310,12 @@ def exec_form(args: str) -> list[str]:
 def images() -> dict[str, dict]:
     """image name -> entrypoint, cmd, expose, env, healthcheck, copied files {image path: repo path}."""
     out = {}
-    for path in DOCKERFILES:
+    sources = [(path.parent.name, path, None) for path in DOCKERFILES]
+    sources += [(name, DOCKER / folder / "Dockerfile", stage) for name, (folder, stage) in STAGE_IMAGES.items()]
+    for name, path, stage in sources:
         info = {"entrypoint": [], "cmd": [], "expose": set(), "env": {}, "healthcheck": [], "copies": {},
                 "workdir": None, "user": None}
-        for word, rest in dockerfile_instructions(path):
+        for word, rest in dockerfile_instructions(path, stage):
             if word in ("ENTRYPOINT", "CMD"):
                 info[word.lower()] = exec_form(rest)
             elif word == "EXPOSE":
@@ -317,7 +334,7 @@ def images() -> dict[str, dict]:
                 for src in sources:
                     target = dest + Path(src).name if dest.endswith("/") else dest
                     info["copies"][target] = src
-        out[path.parent.name] = info
+        out[name] = info
     return out
 
 

@@ -1,6 +1,6 @@
-"""The four container images, built with buildah and started with their own ENTRYPOINT, CMD and USER.
+"""The five container images (serve, its KServe-runtime stage kserve, batch, ui, minio), built with buildah and started with their own ENTRYPOINT, CMD and USER.
 
-Builds are slow when cold (the serve and batch images carry torch): the module (re)builds all four
+Builds are slow when cold (the serve and batch images carry torch): the module (re)builds all five
 on the local base stand-ins (devstack/images.py; `make images` builds them ahead), and buildah
 reuses every unchanged layer, so a cached rebuild only re-copies the project's code. Set MEDXAI_IMAGES_TORCH_INDEX to the torch index this machine reaches (PyPI here).
 The serve and batch checks use the session's trained archives and ddsm set, or, to skip training,
@@ -85,6 +85,19 @@ def test_serve_image_answers_an_authenticated_prediction(built, image_store, ima
     assert result["unauthenticated_status"] in (400, 401)
     assert set(result["probabilities"]) == {"normal", "benign", "malignant"}
     assert result["healthcheck"] == 0
+
+
+def test_kserve_image_answers_an_authenticated_oip_v2_infer(built, image_store, image_data, tmp_path):
+    import csv
+    with open(image_data / "images.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if r["split"] == "test")
+    result = images.check_kserve(tmp_path, image_store, image_data / row["path"])
+    assert result["unauthenticated_status"] == 401
+    assert set(result["probabilities"]) == {"normal", "benign", "malignant"}
+    assert result["healthcheck"] == 0
+    config = images.image_config(built["kserve"])
+    assert config["Entrypoint"][:3] == ["python", "-m", "medxplain_kserve"]
+    assert {"8080/tcp", "8081/tcp"} == set(config.get("ExposedPorts") or {})
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.test_deploy import dockerfile_instructions
+from tests.test_deploy import STAGE_IMAGES, dockerfile_instructions
 
 ROOT = Path(__file__).resolve().parents[1]
 REQS = ROOT / "requirements"
@@ -96,36 +96,76 @@ def test_engine_sets_do_pull_torch():
     assert "streamlit" not in closure(REQS / "serve.txt") and "torchserve" not in closure(REQS / "ui.txt")
 
 
-IMAGES = {  # image -> (the set it installs, the project packages it copies)
-    "serve": ("serve", {"medxplain_contract", "devstack"}),
-    "batch": ("batch", {"medxplain_contract", "medxplain_models", "medxplain_dicom", "medxplain_engine", "batch"}),
-    "ui": ("ui", {"medxplain_contract", "medxplain_client", "ui"}),
+IMAGES = {  # image -> (the sets it installs, the project packages it copies)
+    "serve": ({"serve"}, {"medxplain_contract", "devstack"}),
+    "batch": ({"batch"}, {"medxplain_contract", "medxplain_models", "medxplain_dicom", "medxplain_engine", "batch"}),
+    "ui": ({"ui"}, {"medxplain_contract", "medxplain_client", "ui"}),
+    # The KServe runtime builds on the serve image's virtualenv (serve.txt) and adds kserve.txt on top.
+    "kserve": ({"serve", "kserve"}, {"medxplain_contract", "medxplain_models", "medxplain_dicom", "medxplain_engine",
+                                     "batch", "medxplain_kserve"}),
 }
 PACKAGES = {"medxplain_contract", "medxplain_models", "medxplain_dicom", "medxplain_engine", "medxplain_client", "handlers",
             "model_store", "batch", "devstack", "ui", "medxplain_kserve"}
 
 
+def dockerfile_of(image: str) -> tuple[Path, str | None]:
+    folder, target = STAGE_IMAGES.get(image, (image, None))
+    return ROOT / "docker" / folder / "Dockerfile", target
+
+
+def image_lines(dockerfile: Path, target: str | None) -> list[str]:
+    """The instruction lines of every stage the image is built from: the target (default: the last stage),
+    the stages it is FROM, and the stages it copies from (``COPY --from=``), transitively."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    stages: dict[str, tuple[str, list[str]]] = {}
+    last = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word.upper() == "FROM":
+            base, _, alias = rest.partition(" AS ")
+            last = alias.strip() or f"stage{len(stages)}"
+            stages[last] = (base.strip(), [])
+        if last:  # global ARGs before the first FROM belong to no stage
+            stages[last][1].append(line)
+    todo, seen, lines = [target or last], set(), []
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in stages:
+            continue
+        seen.add(name)
+        base, own = stages[name]
+        lines += own
+        todo += [base, *re.findall(r"--from=(\S+)", " ".join(own))]
+    return lines
+
+
 @pytest.mark.parametrize("image", sorted(IMAGES))
 def test_each_image_installs_only_its_set_and_its_layers(image):
-    req_set, packages = IMAGES[image]
-    dockerfile = ROOT / "docker" / image / "Dockerfile"
-    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    req_sets, packages = IMAGES[image]
+    dockerfile, target = dockerfile_of(image)
+    lines = image_lines(dockerfile, target)
+    text = "\n".join(lines)
     installed = set(re.findall(r"pip install [^&\n]*?-r (requirements/\S+)", text))
-    assert installed == {f"requirements/{req_set}.txt"}, installed
+    assert installed == {f"requirements/{s}.txt" for s in req_sets}, installed
     copied: set[str] = set()
-    for line in text.splitlines():  # every stage: what the build copies is what the image can hold
+    for line in lines:  # every stage it is built from: what the build copies is what the image can hold
         word, _, rest = line.strip().partition(" ")
         if word.upper() == "COPY" and "--from=" not in rest:
             copied |= set([p for p in rest.split() if not p.startswith("--")][:-1])  # sources, not the destination
-    needed = {str(p.relative_to(ROOT)) for p in included_files(REQS / f"{req_set}.txt")}
+    needed = {str(p.relative_to(ROOT)) for s in req_sets for p in included_files(REQS / f"{s}.txt")}
     assert needed <= copied, f"{image}: -r files not copied: {needed - copied}"
     assert not {c for c in copied if c.startswith("requirements/")} - needed  # no other set's file
     project = {c.split("/")[0] for c in copied} & PACKAGES
     assert project == packages, project
-    final = dockerfile_instructions(dockerfile)
+    final = dockerfile_instructions(dockerfile, target)
     assert final  # the final stage exists and parses
-    ignore = (ROOT / "docker" / image / "Dockerfile.dockerignore").read_text()
-    assert not {p for p in PACKAGES - packages if f"!{p}/" in ignore}  # other layers never enter the context
+    # Other layers never enter the context: only what one of this Dockerfile's images copies is allowed.
+    ignore = (dockerfile.parent / "Dockerfile.dockerignore").read_text()
+    siblings = set().union(*(IMAGES[i][1] for i in IMAGES if dockerfile_of(i)[0] == dockerfile))
+    assert not {p for p in PACKAGES - siblings if f"!{p}/" in ignore}
 
 
 def test_ui_image_has_no_torch():
