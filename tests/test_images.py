@@ -51,10 +51,19 @@ def built() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def image_store(request) -> Path:
-    """The suite's archives (trained in this session), or MEDXAI_IMAGES_MODEL_STORE's (e.g. build/model-store)."""
+def image_store(request, tmp_path_factory) -> Path:
+    """The suite's archives (trained in this session), or MEDXAI_IMAGES_MODEL_STORE's (e.g. build/model-store),
+    copied where the images' user (uid 10001) can read them: pytest's folders are root-only (0700) and a
+    bind mount keeps the host's permissions, so the mounted store would be unreadable inside."""
     env = os.environ.get("MEDXAI_IMAGES_MODEL_STORE")
-    return Path(env) if env else request.getfixturevalue("model_store")
+    source = Path(env) if env else request.getfixturevalue("model_store")
+    store = tmp_path_factory.mktemp("image-model-store")
+    for path in source.iterdir():
+        if path.is_file():
+            shutil.copyfile(path, store / path.name)
+            (store / path.name).chmod(0o644)
+    store.chmod(0o755)
+    return store
 
 
 @pytest.fixture(scope="module")
