@@ -44,13 +44,7 @@ def minio_server(tmp_path_factory) -> MinioServer:
 def orthanc_server(tmp_path_factory) -> OrthancServer:
     """Orthanc + DICOMweb plugin, authentication on, a random password (tests/test_pacs.py)."""
     server = OrthancServer(workdir=tmp_path_factory.mktemp("orthanc"))
-    try:
-        server.start()
-    except BaseException:
-        server.stop()
-        raise
-    yield server
-    server.stop()
+    yield from _running(server)
 
 
 # Buckets the per-component users' policies cover in the tests (each test module uses its own).
@@ -124,19 +118,18 @@ def model_store(ddsm_bundle, adni_bundle, tmp_path_factory) -> Path:
 def torchserve(model_store, tmp_path_factory) -> TorchServeServer:
     server = TorchServeServer(workdir=tmp_path_factory.mktemp("torchserve"), model_store=model_store,
                               models={"ddsm": "ddsm.mar", "adni": "adni.mar"})
-    try:
-        server.start()
-    except BaseException:
-        server.stop()
-        raise
-    yield server
-    server.stop()
+    yield from _running(server)
 
 
 @pytest.fixture(scope="session")
 def kserve(model_store, tmp_path_factory) -> KServeServer:
     """The same archives under KServe's ModelServer (python -m medxplain_kserve), token auth on."""
     server = KServeServer(workdir=tmp_path_factory.mktemp("kserve"), model_store=model_store)
+    yield from _running(server)
+
+
+def _running(server):
+    """Start a devstack server for a fixture, stop it afterwards (also when its start failed half-way)."""
     try:
         server.start()
     except BaseException:

@@ -224,6 +224,7 @@ def test_dynamic_batching_keeps_rows_isolated(kserve):
 
 
 def test_metrics_endpoint(kserve):
+    v2_rest(kserve, "ddsm", PATCH)  # the test counts its own request: it must not rest on earlier tests
     v2_rest(kserve, "adni", b"\x00" * 400)
     text = requests.get(f"{kserve.inference_url}/metrics", timeout=30).text
     assert re.search(r'request_predict_seconds_count\{model_name="ddsm"\} [1-9]', text), text[:500]
