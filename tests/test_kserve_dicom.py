@@ -2,9 +2,10 @@
 
 Both real servers run on loopback (tests/conftest.py). TorchServe answers with a multipart/related
 body; the KServe runtime with the one BYTES output ``dicom`` (one Part-10 file an element, REST binary
-extension / gRPC raw contents). Files are compared byte for byte, apart from the two content-time
-elements highdicom stamps with the wall clock (see :data:`WALL_CLOCK`), which are compared as parsed
-datasets without them; the SOP Instance UIDs, derived from the input and the archive, must be equal.
+extension / gRPC raw contents). Files are compared byte for byte, or, where they differ, as parsed
+datasets without the date/time elements stamped with the wall clock (:data:`WALL_CLOCK`), re-encoded;
+the SOP Instance UIDs, derived from the input and the archive, must be equal. A Parametric Map's
+Dimension Organization UID is random in highdicom (:data:`RANDOM_UID`), so it is left out too.
 """
 
 from __future__ import annotations
@@ -25,9 +26,14 @@ from tests import hostile
 from tests.kserve_support import grpc_answer, grpc_transport, v1_rest, v2_rest, v2_tensors
 from tests.test_dicom_serving import _by_class
 
-# Written by highdicom from datetime.now() when an object is built (the SR's and the overlay's content
-# date/time): two renders of the same request differ there only.
-WALL_CLOCK = ("ContentDate", "ContentTime")
+# Stamped with the wall clock when an object is built (highdicom's content and instance creation
+# date/time, the overlay's date/time of secondary capture, the contributing equipment's date/time):
+# two renders of one request, on one runtime too, differ there only.
+WALL_CLOCK = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime", "ContributionDateTime",
+              "DateOfSecondaryCapture", "TimeOfSecondaryCapture")
+# A Parametric Map's Dimension Organization UID: highdicom draws a random one per object (no parameter sets
+# it); it only has to agree within the object, which _without_unstable checks before dropping it.
+RANDOM_UID = "DimensionOrganizationUID"
 
 
 @pytest.fixture(scope="module")
@@ -56,34 +62,61 @@ def oip_clients(kserve):
         yield {"oip-rest": rest, "oip-grpc": grpc_client}
 
 
-def _without_wall_clock(part: bytes) -> bytes:
-    """The file re-encoded without :data:`WALL_CLOCK` (top level and nested), to compare everything else."""
+def _without_unstable(part: bytes) -> bytes:
+    """The file re-encoded without :data:`WALL_CLOCK` and :data:`RANDOM_UID` (top level and nested), to compare
+    everything else; the dimension organization UID must be one UID within the file."""
     ds = dcmread(io.BytesIO(part))
-
-    def drop(dataset, _element):
+    stack, dimension_uids = [ds], set()
+    while stack:
+        dataset = stack.pop()
         for keyword in WALL_CLOCK:
             if keyword in dataset:
                 delattr(dataset, keyword)
-
-    ds.walk(drop)
+        if RANDOM_UID in dataset:
+            dimension_uids.add(str(dataset.get(RANDOM_UID)))
+            delattr(dataset, RANDOM_UID)
+        stack += [item for element in dataset if element.VR == "SQ" for item in element.value]
+    assert len(dimension_uids) <= 1, "the dimension index does not point at the dimension organization"
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
 
 
+def _differing(a: bytes, b: bytes) -> list[str]:
+    """The paths of the elements that differ (for a failure's message)."""
+    out: list[str] = []
+
+    def walk(x, y, path: str) -> None:
+        for tag in sorted(set(x.keys()) | set(y.keys())):
+            ex, ey = x.get(tag), y.get(tag)
+            name = f"{path}{ex.keyword if ex is not None else ey.keyword or tag}"
+            if ex is None or ey is None or ex.VR != ey.VR:
+                out.append(name)
+            elif ex.VR == "SQ":
+                if len(ex.value) != len(ey.value):
+                    out.append(name)
+                for k, (ix, iy) in enumerate(zip(ex.value, ey.value)):
+                    walk(ix, iy, f"{name}[{k}].")
+            elif ex.value != ey.value:
+                out.append(name)
+
+    walk(dcmread(io.BytesIO(a)), dcmread(io.BytesIO(b)), "")
+    return out[:20]
+
+
 def _assert_same_files(got: list[bytes], want: list[bytes]) -> list[int]:
-    """Same count, order, SOP classes and UIDs; each file byte-identical or identical but for the wall clock.
-    Returns the indices of the files that differed in the wall clock only."""
+    """Same count, order, SOP classes and UIDs; each file byte-identical, or identical but for the elements of
+    :data:`WALL_CLOCK` and :data:`RANDOM_UID`. Returns the indices of the files that differed there."""
     assert len(got) == len(want) and want
-    clock_only = []
+    differed = []
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         da, db = (dcmread(io.BytesIO(p), stop_before_pixels=True) for p in (a, b))
         assert (str(da.SOPClassUID), str(da.SOPInstanceUID)) == (str(db.SOPClassUID), str(db.SOPInstanceUID)), i
         assert str(da.SeriesInstanceUID) == str(db.SeriesInstanceUID), i
         if a != b:
-            assert _without_wall_clock(a) == _without_wall_clock(b), f"file {i} differs beyond {WALL_CLOCK}"
-            clock_only.append(i)
-    return clock_only
+            assert _without_unstable(a) == _without_unstable(b), (i, _differing(a, b))
+            differed.append(i)
+    return differed
 
 
 def test_mammogram_same_dicom_files_as_torchserve(ts_client, oip_clients, mammogram):
