@@ -123,12 +123,12 @@ def check_engine_code(mar: Path, directory: Path) -> dict:
     try:
         running = engine_record()
     except EngineCodeError as err:
-        raise ArchiveError(f"cannot identify the engine code of this batch job: {err}") from None
+        raise ArchiveError(f"cannot identify the engine code of this process: {err}") from None
     archived_sha = archived.get("code_sha256") if isinstance(archived, dict) else None
     if archived_sha != running["code_sha256"]:
         shown = archived_sha[:12] if isinstance(archived_sha, str) and HEX64.fullmatch(archived_sha) else "(none)"
         raise ArchiveError(
-            f"{mar} carries engine code {shown}, but this batch job runs engine code {running['code_sha256'][:12]} "
-            f"(version {running['version']}): run the job from the code the archive was built with, or rebuild "
+            f"{mar} carries engine code {shown}, but this process (batch job or KServe runtime) runs engine code {running['code_sha256'][:12]} "
+            f"(version {running['version']}): run the code the archive was built with, or rebuild "
             "the archive with `python -m model_store archive`")
     return running

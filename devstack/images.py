@@ -22,6 +22,8 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -358,8 +360,6 @@ def _owned_dir(path: Path, uid: int = 10001) -> Path:
 
 
 def _get(url: str, headers: dict[str, str] | None = None, timeout: float = 5.0) -> tuple[int | None, bytes]:
-    import urllib.error
-    import urllib.request
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
             return r.status, r.read()
@@ -452,32 +452,42 @@ def check_serve(workdir: Path, model_store: Path, sample: Path, model: str = "dd
         wait_for(lambda: key() is not None and _get(f"{base}/ping", {"Authorization": f"Bearer {key()}"})[0] == 200,
                  "serve image /ping", running, timeout)
         ready = time.monotonic() - start
-        import urllib.error
-        import urllib.request
         body = sample.read_bytes()
         raw = {"Content-Type": "application/octet-stream"}  # urllib's form default makes Netty parse a form
-        try:
-            urllib.request.urlopen(urllib.request.Request(f"{base}/predictions/{model}", data=body, headers=raw),
-                                   timeout=60)
-            raise ImageError("serve image answered a prediction without the token")
-        except urllib.error.HTTPError as err:
-            refused = err.code
-        t0 = time.monotonic()
-        request = urllib.request.Request(f"{base}/predictions/{model}", data=body,
-                                         headers={**raw, "Authorization": f"Bearer {key()}"})
-        with urllib.request.urlopen(request, timeout=300) as r:
-            result = json.loads(r.read())
-        latency = time.monotonic() - t0
-        probabilities = result["prediction"]["probabilities"]
-        if result["model"]["name"] != model or abs(sum(probabilities.values()) - 1) > 1e-4:
-            raise ImageError(f"serve image: unexpected prediction body for {model}")
-        health = running.healthcheck({"http://127.0.0.1:8080/ping": f"{base}/ping"})
-        if health.returncode != 0:
-            raise ImageError(f"serve HEALTHCHECK exited {health.returncode}: {(health.stdout + health.stderr)[-500:]}")
-        return {"ready_s": round(ready, 1), "unauthenticated_status": refused, "predict_s": round(latency, 2),
-                "probabilities": probabilities, "healthcheck": health.returncode}
+        url = f"{base}/predictions/{model}"
+        answer = check_answers(
+            "serve", model, running,
+            refused=urllib.request.Request(url, data=body, headers=raw),
+            request=urllib.request.Request(url, data=body, headers={**raw, "Authorization": f"Bearer {key()}"}),
+            parse=lambda data, _headers: json.loads(data),
+            health_urls={"http://127.0.0.1:8080/ping": f"{base}/ping"})
+        return {"ready_s": round(ready, 1), **answer}
     finally:
         running.stop()
+
+
+def check_answers(name: str, model: str, running: Running, refused: urllib.request.Request,
+                  request: urllib.request.Request, parse, health_urls: dict[str, str]) -> dict:
+    """What both servers' images must do once ready: refuse ``refused`` (no token), answer ``request``
+    with ``model``'s probabilities (``parse(body, headers)`` gives the result JSON), and pass their
+    HEALTHCHECK (its URLs rewritten by ``health_urls`` to the loopback ports)."""
+    try:
+        urllib.request.urlopen(refused, timeout=60)
+        raise ImageError(f"{name} image answered a request without the token")
+    except urllib.error.HTTPError as err:
+        refused_status = err.code
+    t0 = time.monotonic()
+    with urllib.request.urlopen(request, timeout=300) as r:
+        result = parse(r.read(), r.headers)
+    latency = time.monotonic() - t0
+    probabilities = result["prediction"]["probabilities"]
+    if result["model"]["name"] != model or abs(sum(probabilities.values()) - 1) > 1e-4:
+        raise ImageError(f"{name} image: unexpected result for {model}")
+    health = running.healthcheck(health_urls)
+    if health.returncode != 0:
+        raise ImageError(f"{name} HEALTHCHECK exited {health.returncode}: {(health.stdout + health.stderr)[-500:]}")
+    return {"unauthenticated_status": refused_status, "answer_s": round(latency, 2), "probabilities": probabilities,
+            "healthcheck": health.returncode}
 
 
 def oip_v2_body(data: bytes) -> tuple[bytes, dict[str, str]]:
@@ -505,8 +515,6 @@ def check_kserve(workdir: Path, model_store: Path, sample: Path, model: str = "d
     token file where the Secret goes: /v2/health/ready, an infer without the token refused, an
     authenticated OIP v2 infer, and the image's HEALTHCHECK exiting 0."""
     import secrets
-    import urllib.error
-    import urllib.request
 
     from devstack.services import free_port
     http, grpc = free_port(), free_port()
@@ -536,24 +544,12 @@ def check_kserve(workdir: Path, model_store: Path, sample: Path, model: str = "d
         # The refusal comes before the body is read, and the server then closes the connection: a large
         # body would still be in flight (connection reset), so the unauthenticated request is small.
         small, small_headers = oip_v2_body(sample.read_bytes()[:64])
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, data=small, headers=small_headers), timeout=60)
-            raise ImageError("kserve image answered an infer request without the token")
-        except urllib.error.HTTPError as err:
-            refused = err.code
-        t0 = time.monotonic()
-        request = urllib.request.Request(url, data=body, headers={**headers, "Authorization": f"Bearer {token}"})
-        with urllib.request.urlopen(request, timeout=300) as r:
-            result = oip_v2_result(r.read(), r.headers)
-        latency = time.monotonic() - t0
-        probabilities = result["prediction"]["probabilities"]
-        if result["model"]["name"] != model or abs(sum(probabilities.values()) - 1) > 1e-4:
-            raise ImageError(f"kserve image: unexpected infer result for {model}")
-        health = running.healthcheck({"http://127.0.0.1:8080/": f"{base}/"})
-        if health.returncode != 0:
-            raise ImageError(f"kserve HEALTHCHECK exited {health.returncode}: {(health.stdout + health.stderr)[-500:]}")
-        return {"ready_s": round(ready, 1), "unauthenticated_status": refused, "infer_s": round(latency, 2),
-                "probabilities": probabilities, "healthcheck": health.returncode}
+        answer = check_answers(
+            "kserve", model, running,
+            refused=urllib.request.Request(url, data=small, headers=small_headers),
+            request=urllib.request.Request(url, data=body, headers={**headers, "Authorization": f"Bearer {token}"}),
+            parse=oip_v2_result, health_urls={"http://127.0.0.1:8080/": f"{base}/"})
+        return {"ready_s": round(ready, 1), **answer}
     finally:
         running.stop()
 

@@ -922,7 +922,8 @@ def test_gpu_variant_agrees(rendered):
     for name in ("serve", "batch"):
         text = (DOCKER / name / "Dockerfile").read_text()
         assert re.search(r"^ARG CUDA=cpu$", text, re.MULTILINE) and f"ARG TORCH_INDEX_URL={TORCH_INDEX}" in text, name
-        assert "--index-url \"${TORCH_INDEX_URL}\"" in text and "grep -E '^(torch|torchvision)=='" in text, name
+        # docker/wheelhouse.sh fetches the torch pins from that index only (tests/test_wheelhouse.py)
+        assert "/tmp/torch.txt \"${TORCH_INDEX_URL}\"" in text and "grep -E '^(torch|torchvision)=='" in text, name
     # The shipped archives compute on the CPU; the GPU release is built with --device-type gpu.
     for kind in ("ddsm", "adni"):
         config = yaml.safe_load((ROOT / "model_store" / "configs" / f"{kind}.yaml").read_text())

@@ -394,6 +394,12 @@ def test_uids_are_new_and_deterministic(mammo: DicomSource, mammo_objects) -> No
     assert len(set(flat)) == len(flat) and not source & set(flat)
     again = render_objects(response, mammo, maps, ALGORITHM, "req-1")
     assert [(o.SOPInstanceUID, o.SeriesInstanceUID) for o in again] == uids
+    # highdicom's own random UID (the parametric maps' dimension organization) is derived too
+    def dimension_uids(objs):
+        return [{i.DimensionOrganizationUID for i in (*o.DimensionOrganizationSequence, *o.DimensionIndexSequence)}
+                for o in objs if "DimensionOrganizationSequence" in o]
+    first = dimension_uids(objects)
+    assert first and all(len(u) == 1 for u in first) and dimension_uids(again) == first
     other_key = render_objects(response, mammo, maps, ALGORITHM, "req-2")
     other_archive = render_objects(response, mammo, maps, Algorithm("ddsm", "1.0", "f" * 64, "0.1.0"), "req-1")
     for other in (other_key, other_archive):
