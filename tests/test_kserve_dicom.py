@@ -4,8 +4,8 @@ Both real servers run on loopback (tests/conftest.py). TorchServe answers with a
 body; the KServe runtime with the one BYTES output ``dicom`` (one Part-10 file an element, REST binary
 extension / gRPC raw contents). Files are compared byte for byte, or, where they differ, as parsed
 datasets without the date/time elements stamped with the wall clock (:data:`WALL_CLOCK`), re-encoded;
-the SOP Instance UIDs, derived from the input and the archive, must be equal. A Parametric Map's
-Dimension Organization UID is random in highdicom (:data:`RANDOM_UID`), so it is left out too.
+every UID (SOP, series, frame of reference, a Parametric Map's dimension organization), derived from
+the input, the archive and the request, must be equal.
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ from tests.test_dicom_serving import _by_class
 # two renders of one request, on one runtime too, differ there only.
 WALL_CLOCK = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime", "ContributionDateTime",
               "DateOfSecondaryCapture", "TimeOfSecondaryCapture")
-# A Parametric Map's Dimension Organization UID: highdicom draws a random one per object (no parameter sets
-# it); it only has to agree within the object, which _without_unstable checks before dropping it.
-RANDOM_UID = "DimensionOrganizationUID"
 
 
 @pytest.fixture(scope="module")
@@ -62,21 +59,16 @@ def oip_clients(kserve):
         yield {"oip-rest": rest, "oip-grpc": grpc_client}
 
 
-def _without_unstable(part: bytes) -> bytes:
-    """The file re-encoded without :data:`WALL_CLOCK` and :data:`RANDOM_UID` (top level and nested), to compare
-    everything else; the dimension organization UID must be one UID within the file."""
+def _without_wall_clock(part: bytes) -> bytes:
+    """The file re-encoded without :data:`WALL_CLOCK` (top level and nested), to compare everything else."""
     ds = dcmread(io.BytesIO(part))
-    stack, dimension_uids = [ds], set()
+    stack = [ds]
     while stack:
         dataset = stack.pop()
         for keyword in WALL_CLOCK:
             if keyword in dataset:
                 delattr(dataset, keyword)
-        if RANDOM_UID in dataset:
-            dimension_uids.add(str(dataset.get(RANDOM_UID)))
-            delattr(dataset, RANDOM_UID)
         stack += [item for element in dataset if element.VR == "SQ" for item in element.value]
-    assert len(dimension_uids) <= 1, "the dimension index does not point at the dimension organization"
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
@@ -106,7 +98,7 @@ def _differing(a: bytes, b: bytes) -> list[str]:
 
 def _assert_same_files(got: list[bytes], want: list[bytes]) -> list[int]:
     """Same count, order, SOP classes and UIDs; each file byte-identical, or identical but for the elements of
-    :data:`WALL_CLOCK` and :data:`RANDOM_UID`. Returns the indices of the files that differed there."""
+    :data:`WALL_CLOCK`. Returns the indices of the files that differed there."""
     assert len(got) == len(want) and want
     differed = []
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
@@ -114,7 +106,7 @@ def _assert_same_files(got: list[bytes], want: list[bytes]) -> list[int]:
         assert (str(da.SOPClassUID), str(da.SOPInstanceUID)) == (str(db.SOPClassUID), str(db.SOPInstanceUID)), i
         assert str(da.SeriesInstanceUID) == str(db.SeriesInstanceUID), i
         if a != b:
-            assert _without_unstable(a) == _without_unstable(b), (i, _differing(a, b))
+            assert _without_wall_clock(a) == _without_wall_clock(b), (i, _differing(a, b))
             differed.append(i)
     return differed
 
