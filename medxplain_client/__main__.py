@@ -1,10 +1,11 @@
 """``python -m medxplain_client predict|explain``: send one scan, print a summary, write the maps.
 
 ``--output dicom`` (a DICOM input: a mammogram file, or an MRI series as a zip or a folder) asks for the
-derived DICOM objects instead (a TID 1500 SR, and per heatmap a Parametric Map and an RGB overlay),
-writes them as .dcm files and, with ``--stow URL``, stores them in a PACS over DICOMweb STOW-RS
-(credentials from MEDXAI_DICOMWEB_USERNAME / MEDXAI_DICOMWEB_PASSWORD, or their *_FILE variants,
-or MEDXAI_DICOMWEB_ENV_FILE; never on the command line).
+derived DICOM objects instead (a TID 1500 SR, and per heatmap a Parametric Map and an RGB overlay) from
+TorchServe's REST API or, with ``--oip``, the KServe runtime's REST or gRPC API, writes them as .dcm
+files and, with ``--stow URL``, stores them in a PACS over DICOMweb STOW-RS (credentials from
+MEDXAI_DICOMWEB_USERNAME / MEDXAI_DICOMWEB_PASSWORD, or their *_FILE variants, or
+MEDXAI_DICOMWEB_ENV_FILE; never on the command line).
 
 Exit codes: 0 done, 2 the request was refused (4xx: bad input, parameter or token), the PACS refused
 the credentials, or the command line is wrong, 1 the server or the PACS failed or could not be reached.
@@ -52,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder for the JSON and map files (default: %(default)s)")
         p.add_argument("--timeout", type=float, default=120.0, metavar="S", help="seconds per request")
         p.add_argument("--output", choices=("json", "dicom"), default="json",
-                       help="json: the response and map files; dicom: the derived DICOM objects (REST only; "
-                       "needs a DICOM input)")
+                       help="json: the response and map files; dicom: the derived DICOM objects (needs a DICOM "
+                       "input; TorchServe's REST API, or with --oip the KServe runtime's REST or gRPC)")
         p.add_argument("--stow", metavar="URL",
                        help="with --output dicom: store the objects in this DICOMweb service (STOW-RS), "
                        "e.g. http://pacs:8042/dicom-web")
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--input: a folder is an MRI DICOM series (model adni)")
     if args.stow and args.output != "dicom":
         parser.error("--stow needs --output dicom")
-    if args.output == "dicom" and (args.grpc or args.oip):
-        parser.error("--output dicom comes over TorchServe's REST API only")
+    if args.output == "dicom" and args.grpc and not args.oip:
+        parser.error("--output dicom: TorchServe's gRPC API answers JSON only (use its REST API, or --oip)")
     try:
         token = read_token(args.token_file) if args.token_file else None
     except ValueError as err:
@@ -80,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output == "dicom":
         return _dicom(args, token, payload, params)
     try:
-        with Client(base_url=args.url, grpc_target=args.grpc, token=token, timeout=args.timeout,
-                    transport=("oip-" if args.oip else "") + ("grpc" if args.grpc else "rest")) as client:
+        with _client(args, token) as client:
             if args.command == "explain":
                 result = client.explain(args.model, payload, methods=args.explain, **params)
             else:
@@ -109,7 +109,7 @@ def _dicom(args: argparse.Namespace, token: str | None, payload: Path | bytes, p
         return 2 if isinstance(err, (dicomweb.PacsAuthError, dicomweb.PacsConfigError)) else 1
     methods = (args.explain or "default") if args.command == "explain" else None
     try:
-        with Client(base_url=args.url, token=token, timeout=args.timeout) as client:
+        with _client(args, token) as client:
             parts = client.dicom(args.model, payload, methods=methods, **params)
     except ClientError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -125,6 +125,11 @@ def _dicom(args: argparse.Namespace, token: str | None, payload: Path | bytes, p
             return 2 if isinstance(err, dicomweb.PacsAuthError) else 1
         print(f"  stored {len(parts)} object(s) in {dicomweb.display_url(args.stow)}")
     return 0
+
+
+def _client(args: argparse.Namespace, token: str | None) -> Client:
+    return Client(base_url=args.url, grpc_target=args.grpc, token=token, timeout=args.timeout,
+                  transport=("oip-" if args.oip else "") + ("grpc" if args.grpc else "rest"))
 
 
 def series_zip(folder: Path) -> bytes:

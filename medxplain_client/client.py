@@ -66,10 +66,11 @@ class Client:
 
     def dicom(self, model: str, path_or_bytes: str | Path | bytes, methods: Iterable[str] | str | None = None,
               **params) -> list[bytes]:
-        """The derived DICOM files of a DICOM input (``output=dicom``, REST only): a TID 1500 SR, and per method
-        in ``methods`` a float Parametric Map and an RGB overlay; the body a STOW-RS request carries."""
-        if not isinstance(self.transport, RestTransport):
-            raise TypeError("DICOM outputs come over REST only (multipart/related); use transport='rest'")
+        """The derived DICOM files of a DICOM input (``output=dicom``): a TID 1500 SR, and per method in ``methods``
+        a float Parametric Map and an RGB overlay; what a STOW-RS request carries. TorchServe's REST API
+        (multipart/related) or the KServe runtime's OIP v2 (``oip-rest`` / ``oip-grpc``: the output ``dicom``)."""
+        if isinstance(self.transport, GrpcTransport):
+            raise TypeError("TorchServe's gRPC API answers JSON only: use transport='rest' (or 'oip-*' on KServe)")
         if methods is not None:
             params["explain"] = methods
         return self._send(model, path_or_bytes, params, explain=False, dicom=True)

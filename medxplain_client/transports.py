@@ -1,4 +1,5 @@
-"""One request to TorchServe over REST or gRPC; both return the response dict or raise ClientError.
+"""One request to TorchServe over REST or gRPC, or to the KServe runtime over OIP v2 REST or gRPC; each
+returns the response dict (or, for ``output=dicom``, the DICOM files) or raises ClientError.
 
 Parameters travel as text fields on both (multipart fields / entries of the gRPC input map), which
 the handler reads the same way. gRPC has no explanations call, so ``explain`` goes in the map.
@@ -155,9 +156,33 @@ def _unprefixed(raw: bytes) -> bytes:
     return raw[4:]
 
 
+def _elements(raw: bytes, count: int) -> list[bytes]:
+    """A BYTES tensor's ``count`` elements from OIP's raw form (each a 4-byte little-endian length + bytes).
+    By hand: the only library with this (kserve / tritonclient) would pull a server stack into the client."""
+    out, offset = [], 0
+    while offset < len(raw):
+        size = int.from_bytes(raw[offset:offset + 4], "little")
+        if offset + 4 > len(raw) or offset + 4 + size > len(raw):
+            break
+        out.append(raw[offset + 4:offset + 4 + size])
+        offset += 4 + size
+    if offset != len(raw) or len(out) != count:
+        raise ClientError(502, "bad_response", "the server's BYTES output is malformed")
+    return out
+
+
+def _dicom_files(spec: dict, raw: bytes) -> list[bytes]:
+    """The DICOM files of the ``dicom`` output: BYTES [N], content type application/dicom, N files."""
+    shape = list(spec.get("shape") or [])
+    if spec.get("datatype") != "BYTES" or len(shape) != 1 or spec.get("content_type") != DICOM_TYPE:
+        raise ClientError(502, "bad_response", "the server's 'dicom' output is not BYTES [N] of application/dicom")
+    return _elements(raw, int(shape[0]))
+
+
 class OipRestTransport:
     """``POST /v2/models/{model}/infer``: the file as the BYTES input ``data`` in the binary-data extension,
-    parameters as request ``parameters``; the answer is the JSON in the BYTES output ``result``."""
+    parameters as request ``parameters``; the answer is the JSON in the BYTES output ``result`` (or with
+    ``output=dicom`` the DICOM files, the elements of the BYTES output ``dicom``)."""
 
     HEADER = "Inference-Header-Content-Length"
 
@@ -165,13 +190,28 @@ class OipRestTransport:
         self.rest = RestTransport(base_url, token, timeout)  # its session, auth header and connection errors
 
     def send(self, model: str, payload: bytes, filename: str, fields: dict[str, str], explain: bool) -> dict:
+        r = self._infer(model, payload, fields, explain, "result")
+        spec, raw = _oip_output(r, "result")
+        if "binary_data_size" not in (spec.get("parameters") or {}):
+            data = spec.get("data") or [None]
+            return _checked(_json(data[0].encode() if isinstance(data[0], str) else b""))
+        return _checked(_json(_unprefixed(raw)))
+
+    def send_for_dicom(self, model: str, payload: bytes, filename: str, fields: dict[str, str],
+                       explain: bool) -> list[bytes]:
+        """``output=dicom``: the DICOM files, in the order TorchServe's multipart answer has them."""
+        r = self._infer(model, payload, {**fields, "output": "dicom"}, explain, "dicom")
+        spec, raw = _oip_output(r, "dicom")
+        return _dicom_files({**spec, "content_type": (spec.get("parameters") or {}).get("content_type")}, raw)
+
+    def _infer(self, model: str, payload: bytes, fields: dict[str, str], explain: bool, output: str) -> requests.Response:
         params = dict(fields)
         if explain:
             params.setdefault("explain", "default")
         element = _length_prefixed(payload)
         header = json.dumps({"inputs": [{"name": "data", "datatype": "BYTES", "shape": [1],
                                          "parameters": {"binary_data_size": len(element)}}],
-                             "parameters": params, "outputs": [{"name": "result"}]}).encode()
+                             "parameters": params, "outputs": [{"name": output}]}).encode()
         url = f"{self.rest.base_url}/v2/models/{quote(model, safe='')}/infer"
         try:
             r = self.rest.session.post(url, data=header + element, timeout=self.rest.timeout,
@@ -183,28 +223,33 @@ class OipRestTransport:
             raise ClientError(504, "timeout", f"no answer from {self.rest.base_url} within {self.rest.timeout:g}s") from None
         if r.status_code >= 400:
             raise _rest_error(r.status_code, _json(r.content), r.reason or "", r.text)
-        return _checked(_json(_oip_result(r)))
+        return r
 
     def close(self) -> None:
         self.rest.close()
 
 
-def _oip_result(r: requests.Response) -> bytes:
-    """The ``result`` output of a v2 REST answer, JSON-only or binary-extension form."""
+def _oip_output(r: requests.Response, name: str) -> tuple[dict, bytes]:
+    """(the output's JSON spec, its binary-extension bytes or b"") of a v2 REST answer, JSON-only or binary form."""
     size = r.headers.get(OipRestTransport.HEADER)
-    body = _json(r.content[: int(size)] if size else r.content)
+    try:
+        n = int(size) if size else len(r.content)
+    except ValueError:
+        n = -1
+    body = _json(r.content[:n]) if 0 <= n <= len(r.content) else None
     outputs = body.get("outputs") if isinstance(body, dict) else None
-    offset = int(size) if size else 0
-    for out in outputs or []:
-        params = out.get("parameters") or {}
-        raw_size = params.get("binary_data_size")
-        if out.get("name") == "result":
-            if raw_size is not None:
-                return _unprefixed(r.content[offset:offset + raw_size])
-            data = out.get("data") or [None]
-            return data[0].encode() if isinstance(data[0], str) else b""
+    offset = n
+    for out in outputs if isinstance(outputs, list) else []:
+        params = out.get("parameters") if isinstance(out, dict) else None
+        raw_size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if raw_size is not None and (not isinstance(raw_size, int) or raw_size < 0):
+            break
+        if out.get("name") == name:
+            if raw_size is not None and offset + raw_size > len(r.content):
+                break
+            return out, r.content[offset:offset + raw_size] if raw_size is not None else b""
         offset += raw_size or 0
-    raise ClientError(502, "bad_response", "the server's answer has no 'result' output")
+    raise ClientError(502, "bad_response", f"the server's answer has no well-formed '{name}' output")
 
 
 class OipGrpcTransport:
@@ -241,10 +286,22 @@ class OipGrpcTransport:
 
     def send(self, model: str, payload: bytes, filename: str, fields: dict[str, str], explain: bool) -> dict:
         reply = self.infer(self.request(model, payload, fields, explain))
+        return _checked(_json(_unprefixed(self._raw_output(reply, "result")[1])))
+
+    def send_for_dicom(self, model: str, payload: bytes, filename: str, fields: dict[str, str],
+                       explain: bool) -> list[bytes]:
+        """``output=dicom``: the DICOM files of the ``dicom`` output's raw contents, in TorchServe's order."""
+        reply = self.infer(self.request(model, payload, {**fields, "output": "dicom"}, explain, ("dicom",)))
+        out, raw = self._raw_output(reply, "dicom")
+        content_type = out.parameters["content_type"].string_param if "content_type" in out.parameters else None
+        return _dicom_files({"datatype": out.datatype, "shape": list(out.shape), "content_type": content_type}, raw)
+
+    @staticmethod
+    def _raw_output(reply, name: str):
         for i, out in enumerate(reply.outputs):
-            if out.name == "result":
-                return _checked(_json(_unprefixed(reply.raw_output_contents[i])))
-        raise ClientError(502, "bad_response", "the server's answer has no 'result' output")
+            if out.name == name and i < len(reply.raw_output_contents):
+                return out, reply.raw_output_contents[i]
+        raise ClientError(502, "bad_response", f"the server's answer has no '{name}' output in raw contents")
 
     def close(self) -> None:
         self.channel.close()

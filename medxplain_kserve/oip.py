@@ -5,8 +5,10 @@ as multipart fields are on TorchServe; request ``parameters`` are the parameters
 by the engine's ``parse_options`` like a JSON body's). v2 response: one BYTES output ``result`` holding
 the JSON body TorchServe would send; with ``outputs`` naming ``heatmaps`` (all) or ``heatmap_<method>``,
 each such map also comes as a typed tensor: ``float16`` maps as FP16 with the same bytes, ``png`` and
-``nifti.gz`` maps decoded to FP32 (true values), shaped as the map. v1 ``:predict``: each instance is a
-TorchServe JSON body ``{"data": "<base64>", ...parameters}``.
+``nifti.gz`` maps decoded to FP32 (true values), shaped as the map. With parameter ``output=dicom`` the
+response is instead the one BYTES output ``dicom`` of shape [N]: each element one DICOM Part-10 file, in
+the order of TorchServe's multipart parts (what TorchServe sends: the objects, no JSON). v1 ``:predict``:
+each instance is a TorchServe JSON body ``{"data": "<base64>", ...parameters}``; v1 answers JSON only.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import numpy as np
 
 from medxplain_contract.encodings import decode_map, map_bytes
 from medxplain_contract.errors import InputError
+from medxplain_contract.multipart import DICOM_TYPE, boundary_of, decode_related
 from medxplain_engine.rows import PAYLOAD_FIELDS
 
 FILE_INPUT = "data"
 RESULT_OUTPUT = "result"
 ALL_HEATMAPS = "heatmaps"
 HEATMAP_PREFIX = "heatmap_"
+DICOM_OUTPUT = "dicom"
+DICOM_PARAMETERS = {"content_type": DICOM_TYPE}  # the dicom output's parameters: what its elements are
 RESERVED_PARAMETERS = ("binary_data_output", "binary_data", "content_type")  # OIP's own, not ours
 
 
@@ -91,3 +96,18 @@ def heatmap_tensors(result: dict, wanted: set[str]) -> list[tuple[str, np.ndarra
             array = decode_map(entry).astype("<f4")
         out.append((f"{HEATMAP_PREFIX}{method}", array))
     return out
+
+
+def dicom_parts(body: bytes, content_type: str) -> list[bytes]:
+    """The DICOM files of TorchServe's ``output=dicom`` body (``rows.encode_dicom_row``), in order: splitting
+    the very body TorchServe sends keeps the two runtimes' files byte for byte the same."""
+    boundary = boundary_of(content_type)
+    if boundary is None:
+        raise ValueError("the DICOM answer is not multipart/related")
+    return decode_related(body, boundary)
+
+
+def accepts_dicom(headers: dict[str, str] | None) -> bool:
+    """``Accept: multipart/related; type="application/dicom"`` (TorchServe's other way to ask for the objects)."""
+    accept = str((headers or {}).get("accept") or "").lower()
+    return "multipart/related" in accept and DICOM_TYPE in accept
