@@ -2,20 +2,26 @@
 # Install a requirements file into the active virtualenv from a wheelhouse that lives in a build cache
 # mount, downloading only the wheels it lacks (a rebuild of a requirements step downloads nothing).
 #
-#   wheelhouse.sh HOUSE REQUIREMENTS [TORCH_REQUIREMENTS TORCH_INDEX_URL]
+#   wheelhouse.sh ROOT REQUIREMENTS [TORCH_REQUIREMENTS TORCH_INDEX_URL]
 #
 # TORCH_REQUIREMENTS (the torch/torchvision pins) are fetched from TORCH_INDEX_URL only (the CPU or a
-# CUDA flavour), everything else from the default index. HOUSE must be one directory per torch flavour:
-# `pip install --no-index` picks the highest version it finds, and 2.14.1+cu128 outranks 2.14.1+cpu.
+# CUDA flavour), everything else from the default index. The wheels go to one folder of ROOT per torch
+# index (ROOT/torch-<hash of the URL>; ROOT/pypi without torch): `pip install --no-index` picks the
+# highest version it finds, and 2.14.1+cu128 outranks 2.14.1+cpu.
 #
 # Written by hand because pip keeps downloaded wheels only in its HTTP cache, which obeys the index's
 # Cache-Control headers: behind an egress proxy that strips them (this project's build machine) pip's
 # cache stays empty and every re-run downloaded the ~3 GB of torch wheels again. `pip wheel` skips a
 # file already in its wheel directory and builds wheels of sdists, so `--no-index` can install them.
 set -eu
-[ "$#" -eq 2 ] || [ "$#" -eq 4 ] || { echo "usage: $0 HOUSE REQUIREMENTS [TORCH_REQUIREMENTS TORCH_INDEX_URL]" >&2; exit 2; }
-house=$1
+[ "$#" -eq 2 ] || [ "$#" -eq 4 ] || { echo "usage: $0 ROOT REQUIREMENTS [TORCH_REQUIREMENTS TORCH_INDEX_URL]" >&2; exit 2; }
 requirements=$2
+house=$1/pypi
+if [ "$#" -eq 4 ]; then
+  key=$(printf %s "$4" | sha256sum | cut -c1-12)
+  [ -n "$key" ] || { echo "wheelhouse: cannot hash the torch index URL" >&2; exit 1; }
+  house=$1/torch-$key
+fi
 mkdir -p "$house"
 
 offline_install() {

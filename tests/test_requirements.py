@@ -148,7 +148,9 @@ def test_each_image_installs_only_its_set_and_its_layers(image):
     dockerfile, target = dockerfile_of(image)
     lines = image_lines(dockerfile, target)
     text = "\n".join(lines)
+    # docker/wheelhouse.sh HOUSE REQUIREMENTS ... installs a set (tests/test_wheelhouse.py); plain pip -r too
     installed = set(re.findall(r"pip install [^&\n]*?-r (requirements/\S+)", text))
+    installed |= set(re.findall(r"medxai-wheelhouse[ \t](?:[^\n]*\\\n)?[^\n]*?(requirements/\S+)", text))
     assert installed == {f"requirements/{s}.txt" for s in req_sets}, installed
     copied: set[str] = set()
     for line in lines:  # every stage it is built from: what the build copies is what the image can hold

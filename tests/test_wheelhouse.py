@@ -81,8 +81,10 @@ def test_fills_once_then_installs_offline_with_the_torch_flavour(tmp_path, venv)
     assert "fetching only the missing ones" in first.stdout
     # torch came from its own index, and PyPI's CUDA build (with its dependency) was not fetched
     assert installed(venv) == {"fakeorch": "2.0+cpu", "helperlib": "1.0"}
-    assert sorted(p.name for p in house.iterdir()) == ["fakeorch-2.0+cpu-py3-none-any.whl",
-                                                       "helperlib-1.0-py3-none-any.whl"]
+    [folder] = house.iterdir()  # one folder per torch index
+    assert folder.name.startswith("torch-") and len(folder.name) == len("torch-") + 12
+    assert sorted(p.name for p in folder.iterdir()) == ["fakeorch-2.0+cpu-py3-none-any.whl",
+                                                        "helperlib-1.0-py3-none-any.whl"]
 
     # A re-run (a fresh virtualenv, as after a changed requirements file) with both indexes gone
     subprocess.run([venv / "bin" / "python", "-m", "pip", "uninstall", "-y", "fakeorch", "helperlib"],
