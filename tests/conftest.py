@@ -121,6 +121,15 @@ def torchserve(model_store, tmp_path_factory) -> TorchServeServer:
     yield from _running(server)
 
 
+@pytest.fixture(scope="module")
+def torchserve_client(torchserve):
+    """A REST client of the suite's TorchServe with its inference key, one per module."""
+    from medxplain_client import Client
+
+    with Client(torchserve.inference_url, key_file=torchserve.key_file, timeout=300, retries=0) as client:
+        yield client
+
+
 @pytest.fixture(scope="session")
 def kserve(model_store, tmp_path_factory) -> KServeServer:
     """The same archives under KServe's ModelServer (python -m medxplain_kserve), token auth on."""

@@ -21,7 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ParametricMapStorage, SecondaryCaptureImageStorage
 
-from medxplain_client import Client, ClientError
+from medxplain_client import ClientError
 from medxplain_client.__main__ import series_zip
 from medxplain_contract.encodings import decode_map
 from medxplain_contract.multipart import boundary_of, decode_related, encode_related
@@ -31,12 +31,6 @@ from tests.test_dicom_outputs import numbers, pm_frames, sr_groups
 
 IDENTITY = ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "AccessionNumber")
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33"}  # Comprehensive 3D SR, Comprehensive SR
-
-
-@pytest.fixture(scope="module")
-def client(torchserve):
-    with Client(torchserve.inference_url, key_file=torchserve.key_file, timeout=300, retries=0) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +89,10 @@ def _check_objects(objects: list[Dataset], sources: list[Dataset], answer: dict,
         assert float(np.abs(values - frames).max()) <= tolerance, method
 
 
-def test_ddsm_output_dicom_equals_the_json_answer(client, mammogram, torchserve):
-    answer = checked(client.predict("ddsm", mammogram, explain="cam,gradcam", top_k=3, encoding="float16"),
+def test_ddsm_output_dicom_equals_the_json_answer(torchserve_client, mammogram, torchserve):
+    answer = checked(torchserve_client.predict("ddsm", mammogram, explain="cam,gradcam", top_k=3, encoding="float16"),
                      "response")
-    objects = _objects(client.dicom("ddsm", mammogram, methods="cam,gradcam", top_k=3))
+    objects = _objects(torchserve_client.dicom("ddsm", mammogram, methods="cam,gradcam", top_k=3))
     source = dcmread(mammogram, stop_before_pixels=True)
     _check_objects(objects, [source], answer, ["cam", "gradcam"])
     units = sr_groups(_by_class(objects)["sr"][0])
@@ -125,23 +119,23 @@ def test_accept_header_asks_for_dicom_too(torchserve, mammogram):
     ({"output": "dicom", "unit_maps": "true"}, "bad_parameter"),
     ({"output": "dcm"}, "bad_parameter"),
 ])
-def test_bad_dicom_output_requests_are_400s(client, mammogram, params, error):
+def test_bad_dicom_output_requests_are_400s(torchserve_client, mammogram, params, error):
     with pytest.raises(ClientError) as caught:
-        client.predict("ddsm", mammogram, **params)
+        torchserve_client.predict("ddsm", mammogram, **params)
     assert (caught.value.status, caught.value.error) == (400, error)
 
 
-def test_output_dicom_of_a_png_is_refused(client, ddsm_data):
+def test_output_dicom_of_a_png_is_refused(torchserve_client, ddsm_data):
     png = min((ddsm_data / "images").glob("*.png"))
     with pytest.raises(ClientError) as caught:
-        client.dicom("ddsm", png, methods="cam")
+        torchserve_client.dicom("ddsm", png, methods="cam")
     assert (caught.value.status, caught.value.error) == (400, "dicom_output_needs_dicom_input")
 
 
-def test_mri_series_predicts_like_its_nifti_as_zip_and_multipart(client, torchserve, mri_series):
+def test_mri_series_predicts_like_its_nifti_as_zip_and_multipart(torchserve_client, torchserve, mri_series):
     folder, nifti = mri_series
-    from_nifti = checked(client.predict("adni", nifti, top_k=3), "response")
-    from_zip = checked(client.predict("adni", series_zip(folder), top_k=3), "response")
+    from_nifti = checked(torchserve_client.predict("adni", nifti, top_k=3), "response")
+    from_zip = checked(torchserve_client.predict("adni", series_zip(folder), top_k=3), "response")
     files = [p.read_bytes() for p in sorted(folder.iterdir())]
     body, content_type = encode_related(files)
     r = requests.post(f"{torchserve.inference_url}/predictions/adni", data=body, timeout=300,
@@ -157,11 +151,11 @@ def test_mri_series_predicts_like_its_nifti_as_zip_and_multipart(client, torchse
             assert other["prediction"]["probabilities"][name] == pytest.approx(p, abs=1e-3)  # 16-bit slices
 
 
-def test_mri_series_output_dicom(client, mri_series):
+def test_mri_series_output_dicom(torchserve_client, mri_series):
     folder, _ = mri_series
     payload = series_zip(folder)
-    answer = checked(client.predict("adni", payload, explain="gradcam", top_k=3), "response")
-    objects = _objects(client.dicom("adni", payload, methods="gradcam", top_k=3))
+    answer = checked(torchserve_client.predict("adni", payload, explain="gradcam", top_k=3), "response")
+    objects = _objects(torchserve_client.dicom("adni", payload, methods="gradcam", top_k=3))
     sources = sorted((dcmread(p, stop_before_pixels=True) for p in folder.iterdir()),
                      key=lambda ds: float(ds.ImagePositionPatient[2]))
     sr = _by_class(objects)["sr"][0]

@@ -46,12 +46,6 @@ def mri_series(adni_data) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ts_client(torchserve):
-    with Client(torchserve.inference_url, key_file=torchserve.key_file, timeout=300, retries=0) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def oip_clients(kserve):
     with Client(kserve.inference_url, token=kserve.token(), transport="oip-rest", timeout=300, retries=0) as rest, \
          Client(grpc_target=kserve.grpc_target, token=kserve.token(), transport="oip-grpc", timeout=300,
@@ -111,16 +105,16 @@ def _assert_same_files(got: list[bytes], want: list[bytes]) -> list[int]:
     return differed
 
 
-def test_mammogram_same_dicom_files_as_torchserve(ts_client, oip_clients, mammogram):
-    want = ts_client.dicom("ddsm", mammogram, methods="cam,gradcam", top_k=3)
+def test_mammogram_same_dicom_files_as_torchserve(torchserve_client, oip_clients, mammogram):
+    want = torchserve_client.dicom("ddsm", mammogram, methods="cam,gradcam", top_k=3)
     assert [len(v) for v in _by_class([dcmread(io.BytesIO(p)) for p in want]).values()] == [1, 2, 2]
     for client in oip_clients.values():
         _assert_same_files(client.dicom("ddsm", mammogram, methods="cam,gradcam", top_k=3), want)
 
 
-def test_mri_series_same_dicom_files_as_torchserve(ts_client, oip_clients, mri_series):
+def test_mri_series_same_dicom_files_as_torchserve(torchserve_client, oip_clients, mri_series):
     payload = series_zip(mri_series)
-    want = ts_client.dicom("adni", payload, methods="gradcam", top_k=3)
+    want = torchserve_client.dicom("adni", payload, methods="gradcam", top_k=3)
     for client in oip_clients.values():
         _assert_same_files(client.dicom("adni", payload, methods="gradcam", top_k=3), want)
 
@@ -150,9 +144,9 @@ def test_the_dicom_output_as_sent(kserve, mammogram):
     ({"output": "dcm"}, "bad_parameter"),
     ({"output": "dicom", "explain": "nope"}, "unknown_method"),
 ])
-def test_bad_dicom_requests_same_errors_as_torchserve(ts_client, kserve, mammogram, params, error):
+def test_bad_dicom_requests_same_errors_as_torchserve(torchserve_client, kserve, mammogram, params, error):
     with pytest.raises(ClientError) as caught:
-        ts_client.predict("ddsm", mammogram, **params)
+        torchserve_client.predict("ddsm", mammogram, **params)
     ts = (caught.value.status, caught.value.error)
     assert ts[0] == 400 and ts[1] == error
     r = v2_rest(kserve, "ddsm", mammogram.read_bytes(), params)
@@ -161,9 +155,9 @@ def test_bad_dicom_requests_same_errors_as_torchserve(ts_client, kserve, mammogr
     assert (answer.status, hostile.check_answer(answer)["error"]) == ts
 
 
-def test_dicom_of_a_png_refused_as_on_torchserve(ts_client, oip_clients, ddsm_data):
+def test_dicom_of_a_png_refused_as_on_torchserve(torchserve_client, oip_clients, ddsm_data):
     png = min((ddsm_data / "images").glob("*.png"))
-    for client in (ts_client, *oip_clients.values()):
+    for client in (torchserve_client, *oip_clients.values()):
         with pytest.raises(ClientError) as caught:
             client.dicom("ddsm", png, methods="cam")
         assert (caught.value.status, caught.value.error) == (400, "dicom_output_needs_dicom_input")
@@ -191,7 +185,7 @@ def test_what_only_oip_refuses(kserve, mammogram):
 
 
 @pytest.mark.parametrize("transport", ["rest", "grpc"])
-def test_cli_oip_output_dicom_writes_the_objects(kserve, ts_client, mammogram, tmp_path, transport):
+def test_cli_oip_output_dicom_writes_the_objects(kserve, torchserve_client, mammogram, tmp_path, transport):
     from medxplain_client.__main__ import main as cli
 
     where = ["--url", kserve.inference_url] if transport == "rest" else ["--grpc", kserve.grpc_target]
@@ -201,7 +195,7 @@ def test_cli_oip_output_dicom_writes_the_objects(kserve, ts_client, mammogram, t
     assert code == 0
     written = sorted(out.glob("*.dcm"))
     assert [p.name.rsplit("-", 1)[1] for p in written] == ["sr.dcm", "pm.dcm", "sc.dcm"]
-    _assert_same_files([p.read_bytes() for p in written], ts_client.dicom("ddsm", mammogram, methods="cam"))
+    _assert_same_files([p.read_bytes() for p in written], torchserve_client.dicom("ddsm", mammogram, methods="cam"))
 
 
 def test_cli_oip_output_dicom_stores_in_the_pacs(kserve, orthanc_server, mammogram, tmp_path, monkeypatch):
