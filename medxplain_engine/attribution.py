@@ -106,8 +106,13 @@ class CAM(Attribution):
 
 
 class GradCAM(Attribution):
-    name, description = "gradcam", "Grad-CAM on the last conv block (Captum LayerGradCam, pre-softmax score), ReLU, upsampled"
+    name = "gradcam"
+    description = ("Grad-CAM on a conv block (Captum LayerGradCam, pre-softmax score; gradcam_layer, default the last), "
+                   "ReLU, upsampled")
     cost_passes = 2.0  # a forward, and a backward only down to the explained layer
+
+    def passes(self, cost, options):
+        return self.cost_passes if options.gradcam_layer is None else 3.0  # an earlier layer: at most a full backward
 
     def attribute(self, ctx, target, options):
         layer_attr = LayerGradCam(ctx.gradcam_model, ctx.explained_layer).attribute(

@@ -157,6 +157,7 @@ class Engine(ABC):
     methods: dict[str, Attribution]
     default_methods: tuple[str, ...]
     weight_source: str  # what a unit's ``weight`` is (medxplain_engine/units.py)
+    gradcam_layers: tuple[str, ...]  # modules of the model Grad-CAM may explain (``gradcam_layer``), last = default
     peak_window: int | None = None  # cells per side of ItemFeatures.peak_maps (2D models)
 
     def __init__(self, bundle: ModelBundle, archive_digest: str, device: torch.device | str = "cpu",
@@ -296,7 +297,11 @@ class Engine(ABC):
     def options(self, params: dict) -> RequestOptions:
         """Typed request parameters (strict: unknown names, wrong types and ranges are 400s)."""
         return parse_options(params, self.bundle.class_names, self.methods, self.default_methods,
-                             self.model.num_units)
+                             self.model.num_units, self.gradcam_layers)
+
+    def explained_layer(self, options: RequestOptions) -> torch.nn.Module:
+        """Grad-CAM's layer: the request's ``gradcam_layer``, else the last of ``gradcam_layers``."""
+        return getattr(self.model, options.gradcam_layer or self.gradcam_layers[-1])
 
     def prepare(self, request: EngineRequest) -> Prepared:
         """Bytes + parameters -> a typed input with its geometry, refused before any work if over budget.
@@ -403,12 +408,16 @@ class Engine(ABC):
                 out.unit_maps = UnitMaps.compute(ctx, [u["unit"] for u in out.units])
         for name in options.explain if methods is None else methods:
             started = time.perf_counter()
-            out.heatmaps[name] = self.methods[name].attribute(ctx, target, options)
+            out.heatmaps[name] = self.restrict_to_input(self.methods[name].attribute(ctx, target, options))
             out.timing_ms[name] = _ms(started)
             regions = self.region_table(out.heatmaps[name])
             if regions is not None:
                 out.regions[name] = regions
         return out
+
+    def restrict_to_input(self, relevance: np.ndarray) -> np.ndarray:
+        """A map on the analysed grid, zero where the model's input carries no information (none here)."""
+        return relevance
 
     @abstractmethod
     def explain_context(self, item: Prepared, inference: Inference) -> ExplainContext:
@@ -456,7 +465,8 @@ class Engine(ABC):
         if item.options.explain:
             response["heatmaps"] = {}
             for name, relevance in explanation.heatmaps.items():
-                response["heatmaps"][name] = {"description": self.methods[name].description, **self._quality(name),
+                layer = {"layer": item.options.gradcam_layer or self.gradcam_layers[-1]} if name == "gradcam" else {}
+                response["heatmaps"][name] = {"description": self.methods[name].description, **layer, **self._quality(name),
                                               **self.encode_maps(item, relevance[None], [name])[name]}
             if explanation.regions:
                 response["regions"] = explanation.regions

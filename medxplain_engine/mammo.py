@@ -54,6 +54,7 @@ class DDSMEngine(Engine):
     methods = DDSM_METHODS
     default_methods = DDSM_DEFAULT
     weight_source = "classifier"
+    gradcam_layers = ("layer1", "layer2", "layer3", "layer4")  # ResNet stages; layer4 = the units' layer
     peak_window = 7  # ~ one 227 px patch at layer4's stride of 32 px
 
     def __init__(self, bundle: ModelBundle, archive_digest: str, device: torch.device | str = "cpu",
@@ -141,7 +142,7 @@ class DDSMEngine(Engine):
         return int(h) * int(w)
 
     def explain_context(self, item: Prepared, inference: Inference) -> ExplainContext:
-        return ExplainContext(score_model=self.scores[item.mode], explained_layer=self.model.layer4,
+        return ExplainContext(score_model=self.scores[item.mode], explained_layer=self.explained_layer(item.options),
                               inputs=item.inputs.clone(), feature_map=inference.feature_map,
                               class_weights=self.model.fc.weight.detach())
 

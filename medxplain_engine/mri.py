@@ -40,6 +40,9 @@ class ADNIEngine(Engine):
     kind = "adni"
     default_methods = MRI_DEFAULT
     weight_source = "gradcam"
+    # Block outputs before their pools, 95 -> 15 -> 6 -> 4 voxels per side on the 2 mm grid (x): the last is
+    # the seed's and the units'; an earlier one gives Grad-CAM the resolution to point at a structure.
+    gradcam_layers = ("relu_1", "relu_2", "relu_3", "relu_4")
 
     def __init__(self, bundle: ModelBundle, archive_digest: str, device: torch.device | str = "cpu",
                  amp: bool = False) -> None:
@@ -108,10 +111,16 @@ class ADNIEngine(Engine):
 
     def explain_context(self, item: Prepared, inference: Inference) -> ExplainContext:
         atlas = self.bundle.atlas
-        return ExplainContext(score_model=self.score, logit_model=self.model, explained_layer=self.model.relu_4,
+        return ExplainContext(score_model=self.score, logit_model=self.model, explained_layer=self.explained_layer(item.options),
                               inputs=item.inputs.clone(), feature_map=inference.feature_map,
                               brain_mask=self.prep.brain_mask, atlas_labels=None if atlas is None else atlas.labels,
                               voxel_mm=self.voxel_mm, atlas_mask=self.atlas_mask)
+
+    def restrict_to_input(self, relevance: np.ndarray) -> np.ndarray:
+        """Zero outside the brain mask: the normalised input is 0 there for every scan, so no relevance can
+        come from it. Without this, Grad-CAM's upsampled cells put the maximum in the grid's empty corner
+        (pointing game 0.06 at relu_4) and gradients mark the zero margin around the brain."""
+        return np.where(self.prep.brain_mask, relevance, 0).astype(relevance.dtype, copy=False)
 
     def unit_scores(self, ctx, inference, target):
         """Grad-CAM weights of the target logit: only the cheap head (pool + dense layers) is differentiated."""

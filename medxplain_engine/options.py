@@ -29,6 +29,7 @@ class RequestOptions:
     occlusion_stride: int | None = None
     ig_steps: int = 16
     output: str = "json"
+    gradcam_layer: str | None = None  # None: the engine's last conv block
 
 
 _FIELDS = set(RequestOptions.__dataclass_fields__) | {"k"}
@@ -38,7 +39,7 @@ MAX_METHOD_NAMES = 32
 
 
 def parse_options(params: dict, class_names: list[str], methods: dict[str, object], default_methods: tuple[str, ...],
-                  num_units: int) -> RequestOptions:
+                  num_units: int, gradcam_layers: tuple[str, ...] = ()) -> RequestOptions:
     """Any JSON type in any field is checked here; messages name the field and what it takes, never the value."""
     if not isinstance(params, dict):
         raise InputError("bad_params", "parameters must be a JSON object of name: value")
@@ -58,6 +59,7 @@ def parse_options(params: dict, class_names: list[str], methods: dict[str, objec
         occlusion_stride=_optional_int(params.get("occlusion_stride"), "occlusion_stride", 1, 256),
         ig_steps=_int(params.get("ig_steps", 16), "ig_steps", 2, 128),
         output=_choice(params.get("output", "json"), "output", OUTPUTS),
+        gradcam_layer=_optional_choice(params.get("gradcam_layer"), "gradcam_layer", gradcam_layers),
     )
     if options.output == "dicom" and options.unit_maps:
         raise InputError("bad_parameter", "unit_maps are not rendered as DICOM objects: ask for them with output=json")
@@ -103,6 +105,10 @@ def _choice(value, name: str, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise InputError("bad_parameter", f"{name} must be one of {', '.join(allowed)}")
     return value
+
+
+def _optional_choice(value, name: str, allowed: tuple[str, ...]) -> str | None:
+    return None if value is None or value == "" else _choice(value, name, allowed)
 
 
 def _target(value, class_names: list[str]) -> int | None:

@@ -32,6 +32,23 @@ def conv_output_shape(input_shape: tuple[int, int, int]) -> tuple[int, int, int]
     return tuple(shape)  # type: ignore[return-value]
 
 
+def covering_size(extent: int) -> int:
+    """Smallest input size >= `extent` whose four conv/pool blocks use every voxel.
+
+    The unpadded convs and floor-rounding max-pools drop trailing voxels: on a 97-voxel axis the
+    network never sees the last 19 (38 mm on the 2 mm grid, most of one temporal lobe). A grid of
+    size 36 f + 42 (78, 114, 150, 186, 222, ...) is covered exactly.
+    """
+    output = 1
+    while True:
+        size = output
+        for pool in reversed(POOL_SIZES):
+            size = size * pool + 2
+        if size >= extent:
+            return size
+        output += 1
+
+
 @dataclass(frozen=True)
 class ADNIConfig:
     input_shape: tuple[int, int, int] = SEED_SHAPE

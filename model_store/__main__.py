@@ -14,7 +14,7 @@ SYNTH_PROFILES = {
     "ddsm": {"demo": {"n_cases": 150, "height": 1400, "width": 908},
              "test": {"n_cases": 30, "height": 700, "width": 454}},
     "adni": {"demo": {"n_subjects": 160, "resolution_mm": 2},
-             "test": {"n_subjects": 40, "resolution_mm": 2}},
+             "test": {"n_subjects": 80, "resolution_mm": 2}},
 }
 
 
@@ -107,7 +107,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     config = EvalConfig(split=args.split, limit=args.limit, methods=methods(args.methods),
                         patch_methods=methods(args.patch_methods), full_cascade=args.cascade, ig_steps=args.ig_steps,
                         occlusion_size=args.occlusion_size, occlusion_stride=args.occlusion_stride,
-                        curve_steps=args.curve_steps)
+                        curve_steps=args.curve_steps, gradcam_layer=args.gradcam_layer)
     report = evaluate(args.model, args.bundle, args.data, config)
     if args.card:
         from model_store.quality_card import write_card
@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--occlusion-stride", type=int, help="default: ddsm engine default; adni 12 mm in voxels")
     p.add_argument("--curve-steps", type=int, default=10,
                    help="deletion / insertion curve steps (default 10; 0 skips the curves)")
+    p.add_argument("--gradcam-layer", help="Grad-CAM's layer (adni relu_1..relu_4, ddsm layer1..layer4; "
+                   "default the last)")
     p.add_argument("--card", action="store_true", help="write each method's sanity flag and scores into the "
                    "bundle's model_card.json (served in the method descriptions; archive afterwards)")
     p.add_argument("--out", type=Path, help="JSON report")

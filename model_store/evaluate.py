@@ -26,8 +26,9 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -213,6 +214,7 @@ class Setting:
     spearman_where: np.ndarray | None = None  # None: every pixel
     spearman_domain: str = "all pixels"
     region_ranking: bool = False
+    planted_regions: tuple[str, ...] = ()  # atlas base names the generator planted atrophy in (dataset.json)
 
 
 @dataclass
@@ -245,6 +247,9 @@ class _Tally:
         return result
 
 
+PLANTED = "planted atrophy (mask)"
+
+
 def evaluate_setting(trained: Engine, randomised: dict[str, Engine], setting: Setting, params: dict,
                      threshold: float = SANITY_THRESHOLD, progress: bool = True, curve_steps: int = CURVE_STEPS,
                      seed: int = 0) -> dict:
@@ -253,7 +258,7 @@ def evaluate_setting(trained: Engine, randomised: dict[str, Engine], setting: Se
     ``curve_steps`` > 0 adds deletion / insertion curves of the trained model's maps (0 skips them).
     """
     tallies = {m: _Tally() for m in setting.methods}
-    chance, correct, started = _Tally(), 0, time.monotonic()
+    chance, planted, correct, started = _Tally(), _Tally(), 0, time.monotonic()
     rng = np.random.default_rng(seed)
     bar = tqdm(total=len(setting.cases) * (1 + len(randomised)), desc=f"{trained.kind} {setting.name}",
                unit="pass", disable=not progress)
@@ -261,6 +266,8 @@ def evaluate_setting(trained: Engine, randomised: dict[str, Engine], setting: Se
         maps, predicted, raw, ctx = engine_maps_in_context(trained, case, setting.methods, params)
         correct += predicted == case.target
         _score_chance(chance, case.mask, setting.tolerance)
+        if setting.region_ranking:  # the ground truth ranked like a map: where the atrophy was planted
+            _score_localisation(planted, case.mask.astype(np.float32), case.mask, setting.tolerance, True)
         for method, relevance in maps.items():
             _score_localisation(tallies[method], relevance, case.mask, setting.tolerance, setting.region_ranking)
         if curve_steps:
@@ -284,7 +291,8 @@ def evaluate_setting(trained: Engine, randomised: dict[str, Engine], setting: Se
               "methods": {m: t.summary(threshold) for m, t in tallies.items()}}
     result["best"] = _best(result["methods"])
     if setting.region_ranking:
-        result.update(_region_report(trained, tallies, len(setting.cases)))
+        result.update(_region_report(trained, {**tallies, PLANTED: planted}, len(setting.cases),
+                                     setting.planted_regions))
     if curve_steps:
         result["curves"] = {"steps": curve_steps, "fractions": np.linspace(0, 1, curve_steps + 1).round(4).tolist(),
                             "chance": "a seeded random pixel order"}
@@ -321,13 +329,31 @@ def _best(methods: dict[str, dict]) -> dict:
     return {"method": name, "pointing_game": score, "bar": POINTING_BAR, "meets_bar": score >= POINTING_BAR}
 
 
-def _region_report(engine: Engine, tallies: dict[str, _Tally], n_cases: int) -> dict:
-    """The seed paper's MRI summaries over the mean (sum-1 normalised) map of each method."""
+def _region_report(engine: Engine, tallies: dict[str, _Tally], n_cases: int, planted: tuple[str, ...] = ()) -> dict:
+    """The seed paper's MRI summaries over the mean (sum-1 normalised) map of each method, and of the
+    atrophy masks (``PLANTED``: which regions hold the planted loss, as ranked the same way)."""
     mean_maps = {m: t.mean_map / n_cases for m, t in tallies.items() if t.mean_map is not None}
     atlas = engine.bundle.atlas
-    regions = ({m: region_relevance(v, atlas.labels, atlas.regions)[:TOP_REGIONS] for m, v in mean_maps.items()}
-               if atlas is not None else {})
-    return {"regions": regions, "method_distances": {"metric": "l2", "values": pairwise_l2(mean_maps)}}
+    tables = {m: region_relevance(v, atlas.labels, atlas.regions) for m, v in mean_maps.items()} if atlas else {}
+    # The seed ranked by summed relevance, which favours big labels: our nearest-ellipsoid atlas gives
+    # every unassigned voxel (78 % of the brain) to some region, so e.g. "Brainstem" is 4x a real
+    # brainstem. Relevance per voxel over the brain's mean ("enrichment", 1 = a uniform map) ranks
+    # what a map concentrates on, whatever the label's size.
+    brain_voxels = sum(row["voxels"] for row in next(iter(tables.values()), []))
+    by_density = {m: [{**row, "enrichment": row["per_voxel"] * brain_voxels}
+                      for row in sorted(rows, key=lambda row: -row["per_voxel"])[:TOP_REGIONS]]
+                  for m, rows in tables.items()}
+    by_sum = {m: rows[:TOP_REGIONS] for m, rows in tables.items()}
+
+    def first(rows: list[dict]) -> dict:
+        name = rows[0]["name"] if rows else None
+        base = name.removesuffix("_L").removesuffix("_R") if name else None
+        return {"name": name, "planted": base in planted} if planted else {"name": name}
+
+    return {"regions": by_sum, "regions_by_density": by_density,
+            "first_region": {m: {"by_sum": first(by_sum[m]), "by_density": first(by_density[m])} for m in tables},
+            "planted_regions": list(planted),
+            "method_distances": {"metric": "l2", "values": pairwise_l2(mean_maps)}}
 
 
 # --- whole evaluation ----------------------------------------------------------------------------
@@ -346,6 +372,7 @@ class EvalConfig:
     seed: int = 0
     progress: bool = True
     curve_steps: int = CURVE_STEPS  # deletion / insertion; 0 = skip
+    gradcam_layer: str | None = None  # the engine's default (its last conv block) when None
 
 
 def evaluate(kind: str, bundle_dir: Path, data_dir: Path, config: EvalConfig = EvalConfig()) -> dict:
@@ -354,7 +381,7 @@ def evaluate(kind: str, bundle_dir: Path, data_dir: Path, config: EvalConfig = E
     if engine.kind != kind:
         raise ValueError(f"{bundle_dir} holds a {engine.kind!r} model, not {kind!r}")
     params = {"ig_steps": config.ig_steps, "occlusion_size": config.occlusion_size,
-              "occlusion_stride": config.occlusion_stride}
+              "occlusion_stride": config.occlusion_stride, "gradcam_layer": config.gradcam_layer}
     settings = list(_settings(engine, Path(data_dir), config))
     if not any(s.cases for s in settings):
         raise ValueError(f"{data_dir}: no {config.split} cases with a ground-truth mask")
@@ -366,6 +393,7 @@ def evaluate(kind: str, bundle_dir: Path, data_dir: Path, config: EvalConfig = E
         "settings": {"split": config.split, "limit": config.limit, "target": "ground-truth class",
                      "ig_steps": config.ig_steps, "occlusion_size": config.occlusion_size,
                      "occlusion_stride": config.occlusion_stride, "sanity_threshold": config.threshold,
+                     "gradcam_layer": config.gradcam_layer or engine.gradcam_layers[-1],
                      "curves": {"steps": config.curve_steps, "baseline": 0.0,
                                 "score": "softmax of the explained scores, explained class",
                                 "domain": "analysed grid (MRI: brain voxels)"},
@@ -385,7 +413,7 @@ def _settings(engine: Engine, data_dir: Path, config: EvalConfig) -> Iterable[Se
         methods = _checked(available if config.methods is None else config.methods, available)
         yield Setting("volume", "AD subjects, whole volumes on the model grid", adni_cases(data_dir, split, limit),
                       methods, MRI_TOLERANCE_VOXELS, "voxels", spearman_where=engine.bundle.preprocessing.brain_mask,
-                      spearman_domain="brain voxels", region_ranking=True)
+                      spearman_domain="brain voxels", region_ranking=True, planted_regions=_planted(data_dir))
         return
     cheap = tuple(m for m in available if m not in DDSM_EXPENSIVE)
     methods = _checked(cheap if config.methods is None else config.methods, available)
@@ -396,6 +424,12 @@ def _settings(engine: Engine, data_dir: Path, config: EvalConfig) -> Iterable[Se
         yield Setting("patch", "the same lesion images cut to one 227x227 patch at the model's scale holding the "
                       "largest lesion, shifted off centre by up to a quarter tile",
                       ddsm_patch_cases(data_dir, split, limit, config.seed), patch_methods, DDSM_TOLERANCE_PX, "px")
+
+
+def _planted(data_dir: Path) -> tuple[str, ...]:
+    """The regions the synthetic generator planted atrophy in (none for data without a manifest)."""
+    manifest = data_dir / "dataset.json"
+    return tuple(json.loads(manifest.read_text()).get("atrophy_regions", ())) if manifest.is_file() else ()
 
 
 def _checked(methods: Sequence[str], available: Sequence[str]) -> tuple[str, ...]:
@@ -425,7 +459,8 @@ def _settings_lines(model: dict, settings: dict) -> list[str]:
         f"- model: `{model['name']}` version {model['version']}, weights sha256 `{model['weights_sha256']}`",
         (f"- cases: split `{settings['split']}`, limit {settings['limit'] or 'none'}; "
          f"explained class: {settings['target']}"),
-        f"- integrated gradients: {settings['ig_steps']} steps; occlusion size / stride: {occlusion}",
+        (f"- integrated gradients: {settings['ig_steps']} steps; occlusion size / stride: {occlusion}; "
+         f"Grad-CAM layer `{settings.get('gradcam_layer', 'default')}`"),
         (f"- randomisation: {rnd['init']} (seed {rnd['seed']}); top layer = `{rnd['top']}`, full = down to "
          f"`{rnd['full']}`; ρ = Spearman rank correlation between the trained and the randomised model's map, "
          f"per case, averaged; flag `fail` = ρ full above {settings['sanity_threshold']}, `top-layer insensitive` = "
@@ -471,7 +506,15 @@ def _evaluation_lines(name: str, result: dict, rnd: dict) -> list[str]:
          f"(bar {best['bar']}: {'met' if best['meets_bar'] else 'NOT met'})."), "",
     ]
     if result.get("regions"):
-        lines += _region_lines(result["regions"])
+        lines += _region_lines(result["regions"], f"Top {TOP_REGIONS} atlas regions by summed relevance of the mean "
+                               "map (each subject's map clipped at 0 and normalised to sum 1; value = share of all "
+                               "relevance):", lambda row: f"{row['sum']:.3f}")
+    if result.get("regions_by_density"):
+        lines += _region_lines(result["regions_by_density"], f"Top {TOP_REGIONS} atlas regions by relevance per voxel "
+                               "of the same mean maps (value = enrichment: relevance per voxel over the brain's mean, "
+                               "1 = a uniform map):", lambda row: f"{row['enrichment']:.1f}")
+    if result.get("planted_regions"):
+        lines += _first_region_lines(result["first_region"], result["planted_regions"])
     if "method_distances" in result:
         lines += _distance_lines(result["method_distances"])
     return lines
@@ -481,15 +524,20 @@ def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def _region_lines(regions: dict[str, list[dict]]) -> list[str]:
-    methods = list(regions)
-    lines = [
-        (f"Top {TOP_REGIONS} atlas regions by summed relevance of the mean map (each subject's map clipped at 0 "
-         "and normalised to sum 1; value = share of all relevance):"), "",
-        "| rank | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods),
-    ]
+def _first_region_lines(first: dict[str, dict], planted: list[str]) -> list[str]:
+    def cell(entry: dict) -> str:
+        return f"{entry['name']} ({'planted' if entry['planted'] else 'not planted'})"
+
+    lines = [f"First region of each mean map (planted: {', '.join(planted)}):", "",
+             "| method | by summed relevance | by relevance per voxel |", "| --- | --- | --- |"]
+    lines += [f"| {m} | {cell(f['by_sum'])} | {cell(f['by_density'])} |" for m, f in first.items() if m != PLANTED]
+    return lines + [""]
+
+
+def _region_lines(regions: dict[str, list[dict]], caption: str, value: Callable[[dict], str]) -> list[str]:
+    lines = [caption, "", "| rank | " + " | ".join(regions) + " |", "| --- |" + " --- |" * len(regions)]
     for rank in range(max(len(r) for r in regions.values())):
-        cells = [f"{r[rank]['name']} {r[rank]['sum']:.3f}" if rank < len(r) else "" for r in regions.values()]
+        cells = [f"{r[rank]['name']} {value(r[rank])}" if rank < len(r) else "" for r in regions.values()]
         lines.append(f"| {rank + 1} | " + " | ".join(cells) + " |")
     return lines + [""]
 

@@ -85,7 +85,7 @@ def adni_data(tmp_path_factory) -> Path:
     if PRETRAINED:
         return PRETRAINED / "adni-data"
     out = tmp_path_factory.mktemp("adni-data")
-    return mri.generate_dataset(out, n_subjects=40, seed=7, resolution_mm=2, progress=False)
+    return mri.generate_dataset(out, n_subjects=80, seed=7, resolution_mm=2, progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from tests import inputs
 from tests.schema_check import checked
 
 PARAM_NAMES = ["top_k", "k", "target", "explain", "unit_maps", "encoding", "occlusion_size", "occlusion_stride",
-               "ig_steps"]
+               "ig_steps", "gradcam_layer"]
 MAX_MESSAGE = 200
 
 
@@ -214,6 +214,7 @@ def param_values(name: str, methods: list[str]) -> st.SearchStrategy:
                              st.just("default")),
         "unit_maps": st.sampled_from([True, False, "true", "no"]), "encoding": st.sampled_from(["png", "float16"]),
         "occlusion_size": st.integers(16, 64), "occlusion_stride": st.integers(24, 64), "ig_steps": st.integers(2, 4),
+        "gradcam_layer": st.sampled_from(["layer3", "relu_2", "layer4", "relu_4"]),
     }[name]
     return st.one_of(valid, ANY_JSON)
 

@@ -1,4 +1,4 @@
-"""Explanation-quality metrics on hand-made maps, and one small end-to-end evaluation run."""
+"""Explanation-quality metrics on hand-made maps, and small end-to-end evaluation runs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from medxplain_engine.engine import Engine, EngineRequest
 from medxplain_models.ddsm import DDSMConfig, DDSMResNet
 from model_store.__main__ import main
 from model_store.evaluate import (
+    PLANTED,
     cascade,
     ddsm_cases,
     lesion_patch,
@@ -138,3 +139,28 @@ def test_evaluate_end_to_end(ddsm_bundle, ddsm_data, tmp_path):
     assert response["heatmaps"]["cam"]["quality"]["full_image"]["sanity"] == report["evaluations"]["full_image"][
         "methods"]["cam"]["sanity"]
     assert engine.describe()["quality_source"]["split"] == "test"
+
+
+def test_evaluate_adni_ranks_regions_against_the_planted_atrophy(adni_bundle, adni_data, tmp_path):
+    """The region tables carry the ground truth ranked like a map, and a first-region check per method."""
+    out, md = tmp_path / "adni.json", tmp_path / "adni.md"
+    assert main(["evaluate", "--model", "adni", "--bundle", str(adni_bundle[0]), "--data", str(adni_data),
+                 "--limit", "2", "--methods", "gradcam,sensitivity", "--gradcam-layer", "relu_2",
+                 "--curve-steps", "0", "--out", str(out), "--markdown", str(md)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["gradcam_layer"] == "relu_2"
+    volume = report["evaluations"]["volume"]
+    planted = json.loads((adni_data / "dataset.json").read_text())["atrophy_regions"]
+    assert volume["planted_regions"] == planted
+    truth = volume["regions_by_density"][PLANTED]
+    # the mask's own ranking: its densest regions are the ones the generator planted in
+    assert all(row["name"].removesuffix("_L").removesuffix("_R") in planted for row in truth[:4])
+    assert truth[0]["enrichment"] > 5 and volume["first_region"][PLANTED]["by_density"]["planted"]
+    for method in ("gradcam", "sensitivity"):
+        rows = volume["regions_by_density"][method]
+        assert [r["per_voxel"] for r in rows] == sorted((r["per_voxel"] for r in rows), reverse=True)
+        first = volume["first_region"][method]["by_density"]
+        assert first["name"] == rows[0]["name"]
+        assert first["planted"] == (rows[0]["name"].removesuffix("_L").removesuffix("_R") in planted)
+    text = md.read_text()
+    assert "relevance per voxel" in text and "First region of each mean map" in text and "`relu_2`" in text

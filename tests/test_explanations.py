@@ -129,6 +129,30 @@ def test_adni_resampled_input_gets_maps_on_its_own_grid(torchserve, adni_data):
     assert heat.shape == data.shape and np.allclose(heat.affine, affine)
 
 
+def test_gradcam_layer_is_a_parameter(torchserve, adni_data):
+    """Grad-CAM on an earlier block: another map, zero off the brain, and the response names its layer."""
+    row = next(r for r in _rows(adni_data, "subjects.csv") if r["label_name"] == "AD")
+    scan = (adni_data / row["path"]).read_bytes()
+    maps = {}
+    for layer in ("relu_2", "relu_4", None):
+        body = _post(torchserve, "adni", scan, explain="gradcam", **({"gradcam_layer": layer} if layer else {}))
+        assert body["heatmaps"]["gradcam"]["layer"] == (layer or "relu_4")
+        maps[layer] = np.asarray(decode_3d(body["heatmaps"]["gradcam"]).dataobj)
+    assert np.array_equal(maps[None], maps["relu_4"])  # the default is the last block
+    assert not np.allclose(maps["relu_2"], maps["relu_4"])  # another layer, another map
+    outside = np.asarray(nib.load(adni_data / row["path"]).dataobj) == 0  # the synthetic scans are 0 off the brain
+    for layer_map in maps.values():  # nothing is relevant where the model's input is always 0
+        assert layer_map[outside].max() == 0 and layer_map.max() > 0
+    body = _post(torchserve, "ddsm", inputs.patch_png(5), explain="gradcam", gradcam_layer="layer3")
+    assert body["heatmaps"]["gradcam"]["layer"] == "layer3"
+    for model, payload, layer in (("adni", scan, "layer4"), ("ddsm", inputs.patch_png(5), "relu_2")):
+        r = requests.post(f"{torchserve.inference_url}/predictions/{model}", headers=torchserve.auth_header(),
+                          files={"data": ("data", payload), "explain": (None, "gradcam"), "gradcam_layer": (None, layer)},
+                          timeout=600)
+        assert r.status_code == 400 and r.json()["error"] == "bad_parameter", r.text[:200]
+        assert layer not in r.json()["message"].split("must be")[0]
+
+
 def test_online_and_in_process_results_are_identical(torchserve, model_store, ddsm_data, adni_data):
     cases = [("ddsm", (ddsm_data / _lesion_image(ddsm_data)["path"]).read_bytes(), {"explain": "cam,gradcam"}),
              ("adni", (adni_data / _rows(adni_data, "subjects.csv")[0]["path"]).read_bytes(),

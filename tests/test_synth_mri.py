@@ -13,8 +13,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from nilearn import datasets
 
+from medxplain_models.adni import POOL_SIZES, conv_output_shape
 from medxplain_models.atlas import Region, build_atlas, load_atlas, write_atlas
 from model_store.synth import mri
 
@@ -39,7 +42,7 @@ def _subject_rng(seed: int, index: int) -> np.random.Generator:
 
 @pytest.fixture(scope="module")
 def grid3() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return mri.template_grid(3)
+    return mri.dataset_grid(3)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +111,29 @@ def test_coarse_grid_block_averages_the_1mm_grid(resolution, shape):
     blocks = [block for block in blocks if fine_brain[block].all()]
     ratio = np.array([template[tuple(s.start // resolution for s in b)] / fine[b].mean() for b in blocks])
     assert np.ptp(ratio) / ratio.mean() < 1e-4
+
+
+@pytest.mark.parametrize("resolution, shape", [(1, (193, 229, 193)), (2, (78, 115, 78)), (3, (78, 78, 78))])
+def test_dataset_grid_keeps_every_brain_voxel_in_the_networks_view(resolution, shape):
+    """The unpadded convs and max-pools drop trailing voxels: none of them may hold brain."""
+    template, brain, affine = mri.dataset_grid(resolution)
+    full, full_brain, full_affine = mri.template_grid(resolution)
+    assert template.shape == brain.shape == shape
+    assert brain.sum() == full_brain.sum()  # cut margins only, never brain
+    # The network's geometry with every path open: 3x3x3 all-ones convs (no padding) and average pools of
+    # the model's sizes (floor rounding, as its max-pools); a voxel with no gradient is never read.
+    probe = torch.ones((1, 1, *shape), requires_grad=True)
+    x = probe
+    for pool in POOL_SIZES:
+        x = F.avg_pool3d(F.conv3d(x, torch.ones(1, 1, 3, 3, 3)), pool)
+    assert tuple(x.shape[2:]) == conv_output_shape(shape)
+    x.sum().backward()
+    seen = probe.grad[0, 0].numpy() != 0
+    assert seen[brain].all()
+    # the same world point holds the same template value on both grids
+    ijk = np.argwhere(brain)[:: max(1, int(brain.sum()) // 50)]
+    full_ijk = np.rint((np.linalg.inv(full_affine) @ affine @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T).astype(int)
+    assert np.array_equal(template[tuple(ijk.T)], full[tuple(full_ijk.T)])
 
 
 def test_template_grid_rejects_unsupported_resolution():
@@ -219,7 +245,7 @@ def test_dataset_layout_and_manifest(dataset, subjects):
     manifest = json.loads((dataset / "dataset.json").read_text())
     assert manifest["class_names"] == ["CN", "AD"]
     assert manifest["seed"] == SEED and manifest["resolution_mm"] == 3
-    assert manifest["shape"] == [65, 77, 65]
+    assert manifest["shape"] == [78, 78, 78]  # the 65x77x65 template grid padded to the network's view
     assert manifest["counts"]["total"] == N_SUBJECTS
     assert manifest["counts"]["CN"] == manifest["counts"]["AD"] == 3
     assert manifest["counts"]["test"] == {"CN": 1, "AD": 1}
