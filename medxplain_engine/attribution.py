@@ -28,7 +28,6 @@ from captum.attr import (
     FeatureAblation,
     GuidedBackprop,
     IntegratedGradients,
-    LayerAttribution,
     LayerGradCam,
     Occlusion,
     Saliency,
@@ -44,6 +43,9 @@ from medxplain_models.preprocess import ddsm_normalise
 MAX_OCCLUSION_PASSES_2D = 1024
 
 
+CellGrid = tuple[float, float]  # (input position of cell 0's receptive-field centre, cell spacing), every axis
+
+
 @dataclass
 class ExplainContext:
     score_model: nn.Module  # (1, 1, *spatial) -> (1, classes)
@@ -56,6 +58,8 @@ class ExplainContext:
     voxel_mm: float = 1.0  # MRI grid spacing: occlusion defaults are given in mm
     logit_model: nn.Module | None = None  # pre-softmax scores, when score_model is a probability
     atlas_mask: torch.Tensor | None = None  # (1, 1, *spatial) int64 atlas labels on the inputs' device
+    explained_grid: CellGrid | None = None  # where explained_layer's cells sit on the input; None = evenly
+    feature_grid: CellGrid | None = None  # the same for feature_map
 
     @property
     def gradcam_model(self) -> nn.Module:
@@ -67,10 +71,38 @@ class ExplainContext:
         return tuple(self.inputs.shape[2:])
 
 
-def upsample(fmap: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
-    """(C, *s) -> (C, *size), bilinear / trilinear."""
-    mode = "bilinear" if len(size) == 2 else "trilinear"
-    return F.interpolate(fmap[None].float(), size=size, mode=mode, align_corners=False)[0]
+def upsample(fmap: torch.Tensor, size: tuple[int, ...], grid: CellGrid | None = None) -> torch.Tensor:
+    """(C, *s) -> (C, *size), bilinear / trilinear.
+
+    Without ``grid`` the cells are taken to tile the input evenly (``F.interpolate``, as Captum's
+    ``LayerAttribution.interpolate`` does); the ResNet's padded convs keep its cells within half a cell
+    of that. With ``grid``, each
+    cell's value is placed at its receptive field's centre and interpolated linearly between centres
+    (constant beyond the outer ones). Written here because neither torch nor Captum interpolates on a
+    grid with an offset; see ``medxplain_models.adni.cell_grid`` for why the 3D CNN needs it.
+    """
+    if grid is None:
+        mode = "bilinear" if len(size) == 2 else "trilinear"
+        return F.interpolate(fmap[None].float(), size=size, mode=mode, align_corners=False)[0]
+    out = fmap.float()
+    for axis, n_out in enumerate(size, start=1):
+        weights = _axis_weights(n_out, out.shape[axis], grid, out.device)
+        out = torch.movedim(torch.tensordot(out, weights, dims=([axis], [1])), -1, axis)
+    return out
+
+
+def _axis_weights(n_out: int, n_cells: int, grid: CellGrid, device: torch.device) -> torch.Tensor:
+    """(n_out, n_cells) linear-interpolation weights from cell centres to output positions."""
+    offset, step = grid
+    position = ((torch.arange(n_out, device=device, dtype=torch.float32) - offset) / step).clamp(0, n_cells - 1)
+    low = position.floor().long().clamp(max=max(n_cells - 2, 0))
+    high = (low + 1).clamp(max=n_cells - 1)
+    frac = position - low
+    weights = torch.zeros(n_out, n_cells, device=device)
+    rows = torch.arange(n_out, device=device)
+    weights[rows, low] += 1 - frac
+    weights[rows, high] += frac
+    return weights
 
 
 def _to_numpy(attr: torch.Tensor) -> np.ndarray:
@@ -102,7 +134,7 @@ class CAM(Attribution):
     def attribute(self, ctx, target, options):
         assert ctx.feature_map is not None and ctx.class_weights is not None
         cam = torch.einsum("u...,u->...", ctx.feature_map.float(), ctx.class_weights[target].float())
-        return upsample(cam[None], ctx.spatial)[0].cpu().numpy()
+        return upsample(cam[None], ctx.spatial, ctx.feature_grid)[0].cpu().numpy()
 
 
 class GradCAM(Attribution):
@@ -117,8 +149,7 @@ class GradCAM(Attribution):
     def attribute(self, ctx, target, options):
         layer_attr = LayerGradCam(ctx.gradcam_model, ctx.explained_layer).attribute(
             ctx.inputs, target=target, relu_attributions=True)
-        mode = "bilinear" if len(ctx.spatial) == 2 else "trilinear"
-        return _to_numpy(LayerAttribution.interpolate(layer_attr, ctx.spatial, interpolate_mode=mode))
+        return _to_numpy(upsample(layer_attr[0], ctx.spatial, ctx.explained_grid)[None])
 
 
 class Sensitivity(Attribution):
@@ -234,7 +265,7 @@ class UnitMaps:
     @staticmethod
     def compute(ctx: ExplainContext, units: list[int]) -> np.ndarray:
         assert ctx.feature_map is not None
-        return upsample(ctx.feature_map[units].float(), ctx.spatial).cpu().numpy()
+        return upsample(ctx.feature_map[units].float(), ctx.spatial, ctx.feature_grid).cpu().numpy()
 
 
 DDSM_METHODS: dict[str, Attribution] = {m.name: m for m in (

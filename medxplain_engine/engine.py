@@ -299,9 +299,12 @@ class Engine(ABC):
         return parse_options(params, self.bundle.class_names, self.methods, self.default_methods,
                              self.model.num_units, self.gradcam_layers)
 
-    def explained_layer(self, options: RequestOptions) -> torch.nn.Module:
+    def explained_layer_name(self, options: RequestOptions) -> str:
         """Grad-CAM's layer: the request's ``gradcam_layer``, else the last of ``gradcam_layers``."""
-        return getattr(self.model, options.gradcam_layer or self.gradcam_layers[-1])
+        return options.gradcam_layer or self.gradcam_layers[-1]
+
+    def explained_layer(self, options: RequestOptions) -> torch.nn.Module:
+        return getattr(self.model, self.explained_layer_name(options))
 
     def prepare(self, request: EngineRequest) -> Prepared:
         """Bytes + parameters -> a typed input with its geometry, refused before any work if over budget.
@@ -465,7 +468,7 @@ class Engine(ABC):
         if item.options.explain:
             response["heatmaps"] = {}
             for name, relevance in explanation.heatmaps.items():
-                layer = {"layer": item.options.gradcam_layer or self.gradcam_layers[-1]} if name == "gradcam" else {}
+                layer = {"layer": self.explained_layer_name(item.options)} if name == "gradcam" else {}
                 response["heatmaps"][name] = {"description": self.methods[name].description, **layer, **self._quality(name),
                                               **self.encode_maps(item, relevance[None], [name])[name]}
             if explanation.regions:

@@ -22,6 +22,7 @@ from medxplain_engine.budget import CostInput
 from medxplain_engine.engine import Engine, Geometry3D, Inference, Prepared
 from medxplain_engine.options import RequestOptions
 from medxplain_engine.regions import region_relevance
+from medxplain_models.adni import EXPLAINED_LAYER, cell_grid
 from medxplain_models.bundle import ModelBundle
 
 
@@ -114,7 +115,9 @@ class ADNIEngine(Engine):
         return ExplainContext(score_model=self.score, logit_model=self.model, explained_layer=self.explained_layer(item.options),
                               inputs=item.inputs.clone(), feature_map=inference.feature_map,
                               brain_mask=self.prep.brain_mask, atlas_labels=None if atlas is None else atlas.labels,
-                              voxel_mm=self.voxel_mm, atlas_mask=self.atlas_mask)
+                              voxel_mm=self.voxel_mm, atlas_mask=self.atlas_mask,
+                              explained_grid=cell_grid(self.explained_layer_name(item.options)),
+                              feature_grid=cell_grid(EXPLAINED_LAYER))
 
     def restrict_to_input(self, relevance: np.ndarray) -> np.ndarray:
         """Zero outside the brain mask: the normalised input is 0 there for every scan, so no relevance can

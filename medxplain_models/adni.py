@@ -49,6 +49,24 @@ def covering_size(extent: int) -> int:
         output += 1
 
 
+def cell_grid(layer: str) -> tuple[float, float]:
+    """Input-voxel position of a block's first cell (its receptive field's centre) and the cell spacing.
+
+    The unpadded 3-convs move each block's first cell one cell in, and each max-pool of p by (p - 1) / 2
+    cells, so the cells do not tile the input evenly as interpolation assumes: on a 78-voxel axis
+    relu_4's three cells centre at voxels 26.5, 38.5 and 50.5, not 12.5, 38.5 and 64.5. Maps upsampled
+    without this put a peak in the middle of the brain up to 14 voxels (28 mm) out toward its edge.
+    """
+    offset, step = 0.0, 1.0
+    for i, pool in enumerate(POOL_SIZES, start=1):
+        offset += step  # a 3-wide unpadded conv: output cell j is centred on input cell j + 1
+        if layer == f"relu_{i}":
+            return offset, step
+        offset += (pool - 1) / 2 * step  # a pool of p: centred on the middle of its p inputs
+        step *= pool
+    raise ValueError(f"no conv block {layer!r}: the blocks are relu_1..relu_{len(POOL_SIZES)}")
+
+
 @dataclass(frozen=True)
 class ADNIConfig:
     input_shape: tuple[int, int, int] = SEED_SHAPE

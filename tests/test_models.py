@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medxplain_models.adni import ADNIConfig, ClassificationModel3D, conv_output_shape
+from medxplain_engine.attribution import upsample
+from medxplain_models.adni import ADNIConfig, ClassificationModel3D, cell_grid, conv_output_shape
 from medxplain_models.ddsm import DDSMConfig, DDSMResNet
 
 
@@ -61,3 +62,47 @@ def test_demo_geometry_derives_flatten_size():
 def test_too_small_input_is_refused():
     with pytest.raises(ValueError, match="too small"):
         ClassificationModel3D(ADNIConfig(input_shape=(40, 40, 40)))
+
+
+def _receptive_field_centres(layer: str, cells: int) -> list[list[float]]:
+    """Per axis, the centre of the input voxels each of the first `cells` cells of `layer` reads."""
+    model = ClassificationModel3D(ADNIConfig(input_shape=(78, 115, 78))).eval()
+    seen = {}
+    getattr(model, layer).register_forward_hook(lambda module, args, out: seen.setdefault("out", out))
+    x = torch.randn(1, 1, 78, 115, 78, requires_grad=True)
+    model(x)
+    centres = []
+    for j in range(cells):
+        (grad,) = torch.autograd.grad(seen["out"][0, :, j, j, j].sum(), x, retain_graph=True)
+        reach = grad[0, 0].abs()
+        axes = [reach.sum(dim=tuple(d for d in range(3) if d != axis)).nonzero().flatten() for axis in range(3)]
+        centres.append([(a.min().item() + a.max().item()) / 2 for a in axes])
+    return centres
+
+
+@pytest.mark.parametrize("layer", ["relu_1", "relu_2", "relu_3", "relu_4"])
+def test_cell_grid_is_where_each_cell_reads_the_input(layer):
+    """The unpadded convs and pools shift the cells; upsampled maps rely on cell_grid knowing by how much."""
+    offset, step = cell_grid(layer)
+    for j, centre in enumerate(_receptive_field_centres(layer, cells=2)):
+        assert centre == [offset + j * step] * 3
+
+
+def test_upsample_on_a_cell_grid_peaks_at_the_cells_centre():
+    """relu_4's first cell on a 78-voxel axis reads voxels 0..53: its peak belongs at 26.5, not 12.5."""
+    offset, step = cell_grid("relu_4")
+    fmap = torch.zeros(1, 3, 6, 3)
+    fmap[0, 1, 1, 1] = 1.0
+    even = upsample(fmap, (78, 115, 78))[0]
+    placed = upsample(fmap, (78, 115, 78), (offset, step))[0]
+    assert placed.shape == even.shape == (78, 115, 78)
+    assert offset + step == 38.5  # cell 1's centre, halfway between voxels 38 and 39
+    near = (1 - 0.5 / step) ** 3
+    assert placed[38, 38, 38] == pytest.approx(near) and placed[39, 39, 39] == pytest.approx(near)
+    assert placed.max() == pytest.approx(near)
+    first = torch.zeros(1, 3, 6, 3)
+    first[0, 0, 0, 0] = 1.0
+    peak = upsample(first, (78, 115, 78), (offset, step))[0]
+    assert peak[:27, :27, :27].min() == pytest.approx(1.0)  # constant out to the first centre
+    assert peak[40, 0, 0] == 0.0  # and gone one cell on
+    assert upsample(first, (78, 115, 78))[0][26, 26, 26] < 0.5  # even tiling already fades it by voxel 26
