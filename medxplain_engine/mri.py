@@ -41,8 +41,8 @@ class ADNIEngine(Engine):
     kind = "adni"
     default_methods = MRI_DEFAULT
     weight_source = "gradcam"
-    # Block outputs before their pools, 95 -> 15 -> 6 -> 4 voxels per side on the 2 mm grid (x): the last is
-    # the seed's and the units'; an earlier one gives Grad-CAM the resolution to point at a structure.
+    # Block outputs before their pools, 76 -> 36 -> 10 -> 3 cells along x of the 2 mm grid: the last is the
+    # seed's and the units'; an earlier one is finer (its cells sit where medxplain_models.adni.cell_grid says).
     gradcam_layers = ("relu_1", "relu_2", "relu_3", "relu_4")
 
     def __init__(self, bundle: ModelBundle, archive_digest: str, device: torch.device | str = "cpu",

@@ -144,8 +144,9 @@ def dataset_grid(resolution_mm: int = 2) -> tuple[np.ndarray, np.ndarray, np.nda
     ClassificationModel3D's unpadded convs and max-pools drop trailing voxels; on the 97x115x97
     2 mm grid it never saw the last 38 mm in x (the right lateral temporal lobe) nor the top slice.
     Each axis whose brain reaches past the covered part is cut (or padded) to the smallest covered
-    size around the brain's bounding box: 78x114x78 at 2 mm. The 1 mm seed grid already covers the
-    brain and keeps its shape, so the seed's checkpoints still fit.
+    size around the brain's bounding box: 78x115x78 at 2 mm (y keeps its 115 voxels: the brain ends
+    inside the covered 114). The 1 mm seed grid already covers the brain and keeps its shape, so the
+    seed's checkpoints still fit.
     """
     template, brain, affine = template_grid(resolution_mm)
     start, shape = [], []
