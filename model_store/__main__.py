@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate-images", help=about, description=about)
     p.add_argument("--bundle", type=Path, required=True, help="model bundle (or unpacked .mar folder) to evaluate")
     p.add_argument("--data", type=Path, required=True, help="folder with images.csv (path, split, label, case_id)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="the split to score, or 'all' for a set held out from "
+                   "training as a whole (default: test)")
     p.add_argument("--limit", type=int, help="first N images of the split only")
     p.add_argument("--out", type=Path, help="also write the JSON report here")
     p.add_argument("--no-record", action="store_true", help="do not write into the bundle's metrics.json / card")

@@ -45,14 +45,21 @@ def figures(truth: np.ndarray, predicted: np.ndarray, scores: np.ndarray | None,
     return out
 
 
+ALL_SPLITS = "all"
+
+
 def evaluate_images(model_dir: Path, data_dir: Path, split: str = "test", limit: int | None = None,
                     progress: bool = True) -> dict:
-    """Image- and case-level figures of the served decision on one split of an ``images.csv`` set."""
+    """Image- and case-level figures of the served decision on one split of an ``images.csv`` set.
+
+    ``split="all"`` takes every image: for a set generated (or collected) apart from the training data,
+    where each split is held out, so the figures rest on more images than one split holds.
+    """
     engine = Engine.from_model_dir(model_dir)
     if engine.kind != "ddsm":
         raise ValueError("image-level evaluation is for full mammograms (ddsm bundles)")
     names = engine.bundle.class_names
-    rows = [r for r in read_images_csv(data_dir) if r["split"] == split][:limit]
+    rows = [r for r in read_images_csv(data_dir) if split in (r["split"], ALL_SPLITS)][:limit]
     if not rows:
         raise ValueError(f"no images in split {split!r}")
     started = time.monotonic()

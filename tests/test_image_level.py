@@ -193,6 +193,13 @@ def test_evaluate_images_cli(ddsm_bundle, ddsm_data, tmp_path):
     assert "macro ROC AUC" in done.stdout
     assert json.loads(out.read_text())["images"] == 2
     assert json.loads((bundle / "metrics.json").read_text())["image_level"]["images"] == 2
+    with open(ddsm_data / "images.csv", newline="") as f:
+        first = [r["split"] for r in csv.DictReader(f)][:24]
+    assert len(set(first)) > 1  # so 'all' has more than one split to take
+    every = subprocess.run([*run, "--bundle", str(bundle), "--data", str(ddsm_data), "--split", "all", "--limit", "24",
+                            "--no-record", "--out", str(out)], check=False, capture_output=True, text=True)
+    assert every.returncode == 0, every.stderr[-2000:]
+    assert json.loads(out.read_text())["images"] == 24 and json.loads(out.read_text())["split"] == "all"
     bad = subprocess.run([*run, "--bundle", str(bundle), "--data", str(ddsm_data), "--split", "nope"],
                          check=False, capture_output=True, text=True)
     assert bad.returncode == 2 and "no images" in bad.stderr
