@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="ddsm: choose the full-mammogram per-class thresholds on a held-out split")
     p.add_argument("--bundle", type=Path, required=True, help="model bundle to update (e.g. an imported checkpoint)")
     p.add_argument("--data", type=Path, required=True, help="folder with images.csv (path, split, label columns)")
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", help="the split to calibrate on, or 'all' for a calibration set "
+                   "generated apart from the training data (default: val)")
     p.add_argument("--score", choices=["window", "position"], default="window",
                    help="class map the image score is the maximum of: patch-sized windows (default) or single "
                         "layer4 cells (DeepMiner's map)")

@@ -34,6 +34,7 @@ from medxplain_models.bundle import ModelBundle
 from medxplain_models.decision import PATCH_WINDOW
 
 log = logging.getLogger(__name__)
+ALL_SPLITS = "all"  # every image of the set (image_level uses the same word)
 
 
 def full_image_scores(bundle: ModelBundle, data_dir: Path, split: str, limit: int | None = None,
@@ -91,8 +92,9 @@ def decision_scores(bundle: ModelBundle, data_dir: Path, split: str, score: str 
 
 
 def _rows(data_dir: Path, split: str) -> list[dict]:
+    """One split's rows, or every row for ``split="all"`` (a calibration set generated apart from training)."""
     with open(Path(data_dir) / "images.csv", newline="") as f:
-        return [r for r in csv.DictReader(f) if r["split"] == split]
+        return [r for r in csv.DictReader(f) if split in (r["split"], ALL_SPLITS)]
 
 
 def _candidates(values: np.ndarray, most: int = 64) -> np.ndarray:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from medxplain_contract.errors import InputError
 from medxplain_engine.engine import Engine, EngineRequest
 from medxplain_models.decision import score_vector
+from model_store.calibrate import ALL_SPLITS
 from model_store.synth.mammo import read_images_csv
 
 REPORT_KEY = "image_level"
@@ -43,9 +44,6 @@ def figures(truth: np.ndarray, predicted: np.ndarray, scores: np.ndarray | None,
                        for c, n in enumerate(class_names)},
                confusion_matrix=confusion_matrix(truth, predicted, labels=list(range(len(class_names)))).tolist())
     return out
-
-
-ALL_SPLITS = "all"
 
 
 def evaluate_images(model_dir: Path, data_dir: Path, split: str = "test", limit: int | None = None,

@@ -9,6 +9,7 @@ import pytest
 
 from medxplain_engine.engine import Engine, EngineRequest
 from medxplain_models.bundle import ModelBundle
+from model_store import calibrate
 from model_store.calibrate import choose_threshold, full_image_scores
 
 
@@ -51,3 +52,11 @@ def test_scores_come_from_the_serving_engine(ddsm_bundle, ddsm_data):
     online = [max(v for k, v in r["input"]["class_scores"].items() if k != "normal") for r in results]
     np.testing.assert_allclose(scores, online, rtol=1e-6)
     assert len(truth) == 3
+
+
+def test_a_calibration_set_can_give_every_image(ddsm_data):
+    """``split="all"``: a set generated apart from training calibrates on all its images, in file order."""
+    every = calibrate._rows(ddsm_data, calibrate.ALL_SPLITS)
+    splits = {s: calibrate._rows(ddsm_data, s) for s in ("train", "val", "test")}
+    assert len(every) == sum(len(rows) for rows in splits.values()) and all(splits.values())
+    assert {r["image_id"] for r in every} == {r["image_id"] for rows in splits.values() for r in rows}
